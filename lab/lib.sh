@@ -1,0 +1,141 @@
+# shellcheck shell=bash disable=SC2034  # the variables are for the scripts that source this
+# Shared helpers for the lab scripts. Sourced, never executed.
+# The lab is a development and test stand-in for a Proxmox site; nothing in the
+# collection itself reads or sources anything under lab/.
+
+LAB_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+REPO_ROOT=$(cd "$LAB_ROOT/.." && pwd)
+
+# Every object the lab creates carries this label (or lives under LAB_STATE),
+# so lab down removes exactly what lab up made and nothing else.
+LAB_NAME=${MLFLEET_LAB_NAME:-mlfleet-lab}
+LAB_LABEL="io.mlfleet.lab=${LAB_NAME}"
+LAB_STATE=${MLFLEET_LAB_STATE:-$REPO_ROOT/.lab}
+LAB_CACHE=${MLFLEET_LAB_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/mlfleet-lab}
+LAB_NETWORK=${MLFLEET_LAB_NETWORK:-$LAB_NAME}
+# Outside 10.0.0.0/8, where Swarm allocates overlay subnets by default.
+LAB_SUBNET=${MLFLEET_LAB_SUBNET:-192.168.213.0/24}
+LAB_GATEWAY=${MLFLEET_LAB_GATEWAY:-192.168.213.1}
+LAB_REGISTRY_PORT=${MLFLEET_LAB_REGISTRY_PORT:-5000}
+LAB_REGISTRY="${LAB_GATEWAY}:${LAB_REGISTRY_PORT}"
+LAB_SUITE=${MLFLEET_LAB_SUITE:-bookworm}
+
+log() { printf '[lab %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
+die() { printf '[lab] error: %s\n' "$*" >&2; exit 1; }
+
+require_root() {
+    [ "$(id -u)" = 0 ] || die "$1 must run as root (it manages dockerd, networks and host directories)"
+}
+
+# wait_until SECONDS DESCRIPTION COMMAND...: poll COMMAND every 0.5 s until it
+# succeeds or the deadline passes.
+wait_until() {
+    local timeout=$1 what=$2
+    shift 2
+    local deadline=$((SECONDS + timeout))
+    until "$@" >/dev/null 2>&1; do
+        if [ "$SECONDS" -ge "$deadline" ]; then
+            die "timed out after ${timeout}s waiting for ${what}"
+        fi
+        sleep 0.5
+    done
+}
+
+# The Debian mirror this machine's apt already uses for SUITE, so image builds
+# go wherever apt goes and no host name is written into the project.
+APT_ETC=${MLFLEET_APT_ETC:-/etc/apt}
+
+apt_mirror() {
+    local suite=${1:-$LAB_SUITE} uri
+    uri=$(
+        {
+            for f in "$APT_ETC"/sources.list.d/*.sources; do
+                [ -f "$f" ] || continue
+                awk -v suite="$suite" '
+                    BEGIN { RS = ""; FS = "\n" }
+                    {
+                        uris = ""; suites = ""; types = ""; enabled = 1
+                        for (i = 1; i <= NF; i++) {
+                            if ($i ~ /^URIs:/)   { uris = $i;   sub(/^URIs:[ \t]*/, "", uris) }
+                            if ($i ~ /^Suites:/) { suites = " " $i " "; sub(/^ Suites:/, " ", suites) }
+                            if ($i ~ /^Types:/)  { types = $i }
+                            if ($i ~ /^Enabled:[ \t]*no/) { enabled = 0 }
+                        }
+                        if (enabled && types ~ /(^|[ \t])deb([ \t]|$)/ && suites ~ ("[ \t]" suite "[ \t]")) {
+                            split(uris, u, /[ \t]+/); print u[1]
+                        }
+                    }' "$f"
+            done
+            cat "$APT_ETC"/sources.list "$APT_ETC"/sources.list.d/*.list 2>/dev/null |
+                sed -E 's/\[[^]]*\]//' |
+                awk -v suite="$suite" '$1 == "deb" && $3 == suite { print $2 }'
+        } | head -n 1
+    )
+    [ -n "$uri" ] || [ -n "${MLFLEET_LAB_MIRROR:-}" ] || die "no apt source for suite '$suite' found in $APT_ETC; add one or set MLFLEET_LAB_MIRROR"
+    printf '%s\n' "${MLFLEET_LAB_MIRROR:-$uri}"
+}
+
+docker_answers() { docker info >/dev/null 2>&1; }
+
+LAB_REGISTRY_CERTS_DIR="/etc/docker/certs.d/${LAB_REGISTRY}"
+LAB_MANIFEST="$LAB_STATE/created-host-paths"
+LAB_STATE_MARKER=.mlfleet-lab-state
+
+# Create the state directory, marked so lab down only ever deletes its own.
+init_state() {
+    if [ -e "$LAB_STATE" ] && [ ! -f "$LAB_STATE/$LAB_STATE_MARKER" ] && [ -n "$(ls -A "$LAB_STATE")" ]; then
+        die "$LAB_STATE exists, is not empty and was not made by lab up; choose another MLFLEET_LAB_STATE"
+    fi
+    mkdir -p "$LAB_STATE"
+    echo "$LAB_NAME" > "$LAB_STATE/$LAB_STATE_MARKER"
+}
+
+# Record a host path that the lab created outside LAB_STATE, for lab down.
+record_host_path() { echo "$1" >> "$LAB_MANIFEST"; }
+
+# mkdir_recorded DIR: mkdir -p, recording the topmost directory it had to create.
+mkdir_recorded() {
+    local dir=$1 top=""
+    while [ ! -e "$dir" ]; do
+        top=$dir
+        dir=$(dirname "$dir")
+    done
+    if [ -n "$top" ]; then
+        mkdir -p "$1"
+        record_host_path "$top"
+    fi
+}
+
+# lab_start_node NAME [CPUS] [MEMORY] [extra docker run args...]
+# Starts one lab "VM": a container from the node image running its own sshd and
+# dockerd. The flags are what a dockerd-in-container needs on these machines
+# (--privileged fails here for lack of CAP_SYS_RESOURCE); the host cgroup tree
+# and host cgroup namespace let the node put its own containers below itself.
+lab_start_node() {
+    local name=$1 cpus=${2:-} memory=${3:-}
+    shift 3 || shift $#
+    local data="$LAB_STATE/nodes/$name/docker"
+    mkdir -p "$data"
+    local args=(
+        -d --name "$name" --hostname "$name" --label "$LAB_LABEL" --label io.mlfleet.lab.role=node
+        --cap-add ALL --cap-drop SYS_RESOURCE
+        --security-opt seccomp=unconfined --security-opt apparmor=unconfined --security-opt systempaths=unconfined
+        --cgroupns host -v /sys/fs/cgroup:/sys/fs/cgroup:rw --tmpfs /run --tmpfs /tmp
+        -v "$data:/var/lib/docker"
+        --mount "type=bind,source=$LAB_STATE/registry/tls/ca.crt,target=/etc/docker/certs.d/${LAB_REGISTRY}/ca.crt,readonly"
+        --network "$LAB_NETWORK"
+        -e "NODE_SSH_AUTHORIZED_KEYS=$(cat "$LAB_STATE/ssh/id_ed25519.pub")"
+    )
+    [ -n "$cpus" ] && args+=(--cpus "$cpus")
+    [ -n "$memory" ] && args+=(--memory "$memory")
+    docker run "${args[@]}" "$@" mlfleet-lab/node:latest >/dev/null
+}
+
+node_ip() {
+    docker inspect -f "{{ (index .NetworkSettings.Networks \"$LAB_NETWORK\").IPAddress }}" "$1"
+}
+
+# A node is up when its sshd accepts connections and its own dockerd answers.
+node_ready() {
+    docker exec "$1" bash -c 'docker info >/dev/null 2>&1 && (exec 3<>/dev/tcp/127.0.0.1/22) 2>/dev/null'
+}

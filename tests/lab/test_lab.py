@@ -1,0 +1,232 @@
+"""The lab on real Docker: nodes from the golden template, SSH, Swarm over an overlay, the registry,
+CPU budgets that bind, and a lab down that leaves the host as it found it.
+
+The tests run in file order against one lab of their own (its own name, subnet and state
+directory), so a developer's lab is never touched; the last test takes it down.
+"""
+
+import os
+import re
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import REPO_ROOT, run
+
+LAB_NAME = "mlfleet-test"
+GATEWAY = "192.168.214.1"
+REGISTRY = f"{GATEWAY}:5000"
+NODE_CPUS = 0.5
+NODES = [f"{LAB_NAME}-node-1", f"{LAB_NAME}-node-2"]
+PROBE_IMAGE = f"{REGISTRY}/lab/probe:latest"
+SERVICE = "probe"
+OVERLAY = "probe-net"
+
+
+def cgroup_dirs() -> set[str]:
+    """Container cgroups the host's runtime made (cgroup v1 controllers or the v2 tree)."""
+    found = set()
+    for pattern in ("/sys/fs/cgroup/*/docker/*", "/sys/fs/cgroup/docker/*", "/sys/fs/cgroup/system.slice/docker-*"):
+        found |= {str(p) for p in Path("/").glob(pattern.lstrip("/")) if p.is_dir()}
+    return found
+
+
+def host_snapshot(watched_paths) -> dict:
+    return {
+        "containers": set(run(["docker", "ps", "-aq", "--no-trunc"]).stdout.split()),
+        "networks": set(run(["docker", "network", "ls", "-q", "--no-trunc"]).stdout.split()),
+        "volumes": set(run(["docker", "volume", "ls", "-q"]).stdout.split()),
+        "paths": {str(p): p.exists() for p in watched_paths},
+        "cgroups": cgroup_dirs(),
+    }
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory):
+    if os.geteuid() != 0:
+        pytest.fail("the lab tests need root (dockerd, debootstrap, host directories); run them through ./scripts/test as root")
+    work = tmp_path_factory.mktemp("lab")
+    inventory_dir = work / "inventory"
+    inventory_dir.mkdir()
+    # The lab's static group_vars beside the inventory this lab generates, as inventories/lab/ has them.
+    (inventory_dir / "group_vars").symlink_to(REPO_ROOT / "inventories" / "lab" / "group_vars")
+    env = {
+        "MLFLEET_LAB_NAME": LAB_NAME,
+        "MLFLEET_LAB_STATE": str(work / "state"),
+        "MLFLEET_LAB_SUBNET": "192.168.214.0/24",
+        "MLFLEET_LAB_GATEWAY": GATEWAY,
+        "MLFLEET_LAB_NODES": str(len(NODES)),
+        "MLFLEET_LAB_NODE_CPUS": str(NODE_CPUS),
+        "MLFLEET_LAB_NODE_MEMORY": "1g",
+        "MLFLEET_LAB_INVENTORY": str(inventory_dir / "lab_nodes.yml"),
+    }
+    watched = [work / "state", Path("/etc/docker/certs.d"), Path(f"/etc/docker/certs.d/{REGISTRY}"), inventory_dir / "lab_nodes.yml"]
+    run([REPO_ROOT / "lab" / "dockerd.sh", "ensure"])
+    before = host_snapshot(watched)
+    state = {"env": env, "work": work, "inventory_dir": inventory_dir, "before": before, "watched": watched, "down": False}
+    try:
+        run([REPO_ROOT / "lab" / "up.sh"], env=env, timeout=900)
+        yield state
+    finally:
+        if not state["down"]:
+            run([REPO_ROOT / "lab" / "down.sh"], env=env, check=False)
+
+
+def node_docker(node, *args, check=True, timeout=300):
+    return run(["docker", "exec", node, "docker", *args], check=check, timeout=timeout)
+
+
+def wait_for(what, predicate, timeout=120, interval=1.0):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+def container_ids(env) -> list[str]:
+    return sorted(run(["docker", "ps", "-q", "--no-trunc", "--filter", f"label=io.mlfleet.lab={env['MLFLEET_LAB_NAME']}"]).stdout.split())
+
+
+def test_lab_up_again_keeps_what_runs(lab):
+    inventory = Path(lab["env"]["MLFLEET_LAB_INVENTORY"])
+    first_ids, first_inventory = container_ids(lab["env"]), inventory.read_text()
+    assert len(first_ids) == len(NODES)
+    run([REPO_ROOT / "lab" / "up.sh"], env=lab["env"])
+    assert container_ids(lab["env"]) == first_ids
+    assert inventory.read_text() == first_inventory
+
+
+def test_nodes_answer_ansible_over_ssh_with_the_generated_key(lab):
+    result = run(["ansible", "all", "-i", lab["inventory_dir"], "--one-line", "-m", "ansible.builtin.command", "-a", "docker info"])
+    # One line a host: "<host> | CHANGED | rc=0 | (stdout) <output with \n escaped>"
+    hosts = {line.split(" | ")[0]: line for line in result.stdout.splitlines() if " | " in line}
+    assert sorted(hosts) == NODES
+    for line in hosts.values():
+        assert " | rc=0 | " in line, line
+        assert "Server Version:" in line, line
+
+
+def test_nodes_refuse_other_keys_and_have_their_own_host_keys(lab):
+    stranger = lab["work"] / "stranger_key"
+    run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", stranger])
+    inventory = yaml.safe_load(Path(lab["env"]["MLFLEET_LAB_INVENTORY"]).read_text())
+    address = inventory["all"]["children"]["swarm"]["children"]["swarm_managers"]["hosts"][NODES[0]]["ansible_host"]
+    refused = run(
+        ["ssh", "-i", stranger, "-o", "BatchMode=yes", "-o", "IdentitiesOnly=yes", "-o", "StrictHostKeyChecking=no",
+         "-o", "UserKnownHostsFile=/dev/null", f"root@{address}", "true"],
+        check=False,
+    )  # fmt: skip
+    assert refused.returncode != 0
+    assert "Permission denied" in refused.stderr
+    host_keys = {run(["docker", "exec", node, "cat", "/etc/ssh/ssh_host_ed25519_key.pub"]).stdout for node in NODES}
+    assert len(host_keys) == len(NODES)
+
+
+def test_site_playbook_runs_against_the_lab_and_changes_nothing(lab):
+    result = run(["ansible-playbook", "-i", lab["inventory_dir"], "site.yml"])
+    recap = dict(re.findall(r"^(\S+)\s+:\s+(ok=.*)$", result.stdout, re.MULTILINE))
+    assert sorted(recap) == NODES
+    for node, counters in recap.items():
+        assert re.search(r"\bchanged=0\b.*\bunreachable=0\b.*\bfailed=0\b", counters), (node, counters)
+    assert result.stdout.count("Docker Engine 20.10") == len(NODES)
+
+
+def test_image_pushed_to_the_lab_registry_is_pulled_by_a_node(lab):
+    run([REPO_ROOT / "lab" / "images" / "build.sh", "probe"], timeout=900)
+    pushed = run([REPO_ROOT / "lab" / "registry.sh", "push", "mlfleet-lab/probe:latest", "lab/probe"], env=lab["env"]).stdout.strip()
+    assert pushed == PROBE_IMAGE
+    host_image_id = run(["docker", "image", "inspect", "-f", "{{.Id}}", "mlfleet-lab/probe:latest"]).stdout.strip()
+    for node in NODES:
+        assert node_docker(node, "image", "inspect", PROBE_IMAGE, check=False).returncode != 0, f"{node} had the image before pulling"
+        node_docker(node, "pull", "-q", PROBE_IMAGE)
+        assert node_docker(node, "image", "inspect", "-f", "{{.Id}}", PROBE_IMAGE).stdout.strip() == host_image_id
+
+
+def test_two_node_swarm_serves_a_replicated_service_on_an_overlay_from_both_nodes(lab):
+    manager, worker = NODES
+    manager_ip = run(["docker", "inspect", "-f", f'{{{{(index .NetworkSettings.Networks "{LAB_NAME}").IPAddress}}}}', manager]).stdout.strip()
+    node_docker(manager, "swarm", "init", "--advertise-addr", manager_ip)
+    token = node_docker(manager, "swarm", "join-token", "-q", "worker").stdout.strip()
+    node_docker(worker, "swarm", "join", "--token", token, f"{manager_ip}:2377")
+    ready = node_docker(manager, "node", "ls", "--format", "{{.Hostname}} {{.Status}}").stdout.split("\n")
+    assert sorted(line.split()[0] for line in ready if line.endswith("Ready")) == NODES
+
+    node_docker(manager, "network", "create", "--driver", "overlay", "--attachable", OVERLAY)
+    node_docker(
+        manager, "service", "create", "--detach", "--name", SERVICE, "--replicas", "2", "--replicas-max-per-node", "1",
+        "--endpoint-mode", "dnsrr", "--network", OVERLAY, "--no-resolve-image", PROBE_IMAGE,
+    )  # fmt: skip
+
+    def running_tasks():
+        lines = node_docker(manager, "service", "ps", SERVICE, "--filter", "desired-state=running", "--format", "{{.Node}} {{.CurrentState}}").stdout
+        nodes = sorted(line.split()[0] for line in lines.splitlines() if " Running " in f" {line} ")
+        return nodes if len(nodes) == 2 else None
+
+    assert wait_for("2 running probe tasks", running_tasks) == NODES
+
+    # Each task's container host name is its container id; map them to the node that runs them.
+    task_host_by_node = {}
+    for node in NODES:
+        ids = node_docker(node, "ps", "-q", "--filter", f"label=com.docker.swarm.service.name={SERVICE}").stdout.split()
+        assert len(ids) == 1, (node, ids)
+        task_host_by_node[node] = ids[0][:12]
+
+    # A client on the manager resolves tasks.<service> and asks every task: the worker's answer
+    # crossed the overlay between the nodes.
+    def client(*args):
+        return node_docker(manager, "run", "--rm", "--network", OVERLAY, PROBE_IMAGE, *args).stdout.split()
+
+    def both_task_addresses():
+        addresses = client("resolve", f"tasks.{SERVICE}")
+        return addresses if len(addresses) == 2 else None
+
+    addresses = wait_for("tasks.probe to resolve to 2 addresses", both_task_addresses)
+    answered = sorted(client("get", address)[0] for address in addresses)
+    assert answered == sorted(task_host_by_node.values())
+
+
+def node_cpu_seconds(node) -> float:
+    """CPU time the node's cgroup has used (everything inside it, nested containers included)."""
+    pid = run(["docker", "inspect", "-f", "{{.State.Pid}}", node]).stdout.strip()
+    lines = Path(f"/proc/{pid}/cgroup").read_text().splitlines()
+    v1 = [line.split(":", 2)[2] for line in lines if "cpuacct" in line.split(":")[1].split(",")]
+    if v1:
+        return int(Path(f"/sys/fs/cgroup/cpuacct{v1[0]}/cpuacct.usage").read_text()) / 1e9
+    unified = next(line.split(":", 2)[2] for line in lines if line.startswith("0::"))
+    stat = dict(line.split() for line in Path(f"/sys/fs/cgroup{unified}/cpu.stat").read_text().splitlines())
+    return int(stat["usage_usec"]) / 1e6
+
+
+def test_node_cpu_budget_binds_the_containers_it_runs(lab):
+    node = NODES[1]
+    node_docker(node, "run", "-d", "--name", "burn", PROBE_IMAGE, "burn", "30")
+    try:
+        wait_for("the burn container to run", lambda: node_docker(node, "inspect", "-f", "{{.State.Running}}", "burn").stdout.strip() == "true")
+        node_cgroup = run(["docker", "exec", node, "sh", "-c", "grep -E ':cpu(,|:)' /proc/1/cgroup | cut -d: -f3"]).stdout.strip()
+        burn_pid = node_docker(node, "inspect", "-f", "{{.State.Pid}}", "burn").stdout.strip()
+        burn_cgroup = run(["docker", "exec", node, "sh", "-c", f"grep -E ':cpu(,|:)' /proc/{burn_pid}/cgroup | cut -d: -f3"]).stdout.strip()
+        assert burn_cgroup.startswith(f"{node_cgroup}/nested/"), (node_cgroup, burn_cgroup)
+
+        time.sleep(1)  # past the start-up burst
+        cpu_before, wall_before = node_cpu_seconds(node), time.monotonic()
+        time.sleep(5)
+        share = (node_cpu_seconds(node) - cpu_before) / (time.monotonic() - wall_before)
+        # Busy, yet held to the node's budget: 0.5 CPU with a tolerance for accounting granularity.
+        assert 0.3 <= share <= NODE_CPUS * 1.2, f"node used {share:.2f} CPU with a budget of {NODE_CPUS}"
+    finally:
+        node_docker(node, "rm", "-f", "burn", check=False)
+
+
+def test_lab_down_leaves_the_host_as_it_was(lab):
+    images_before = set(run(["docker", "images", "-q", "--no-trunc", "mlfleet-lab/node"]).stdout.split())
+    run([REPO_ROOT / "lab" / "down.sh"], env=lab["env"])
+    lab["down"] = True
+    after = host_snapshot(lab["watched"])
+    assert after == lab["before"]
+    # The golden template is the build cache, not lab state.
+    assert set(run(["docker", "images", "-q", "--no-trunc", "mlfleet-lab/node"]).stdout.split()) == images_before
