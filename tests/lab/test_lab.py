@@ -73,6 +73,13 @@ def lab(tmp_path_factory):
             run([REPO_ROOT / "lab" / "down.sh"], env=env, check=False)
 
 
+@pytest.fixture(scope="module")
+def pushed_probe(lab):
+    """The probe image, built (cached) and pushed to the lab registry; nodes pull it from there."""
+    run([REPO_ROOT / "lab" / "images" / "build.sh", "probe"], timeout=900)
+    return run([REPO_ROOT / "lab" / "registry.sh", "push", "mlfleet-lab/probe:latest", "lab/probe"], env=lab["env"]).stdout.strip()
+
+
 def node_docker(node, *args, check=True, timeout=300):
     return run(["docker", "exec", node, "docker", *args], check=check, timeout=timeout)
 
@@ -136,10 +143,8 @@ def test_site_playbook_runs_against_the_lab_and_changes_nothing(lab):
     assert result.stdout.count("Docker Engine 20.10") == len(NODES)
 
 
-def test_image_pushed_to_the_lab_registry_is_pulled_by_a_node(lab):
-    run([REPO_ROOT / "lab" / "images" / "build.sh", "probe"], timeout=900)
-    pushed = run([REPO_ROOT / "lab" / "registry.sh", "push", "mlfleet-lab/probe:latest", "lab/probe"], env=lab["env"]).stdout.strip()
-    assert pushed == PROBE_IMAGE
+def test_image_pushed_to_the_lab_registry_is_pulled_by_a_node(lab, pushed_probe):
+    assert pushed_probe == PROBE_IMAGE
     host_image_id = run(["docker", "image", "inspect", "-f", "{{.Id}}", "mlfleet-lab/probe:latest"]).stdout.strip()
     for node in NODES:
         assert node_docker(node, "image", "inspect", PROBE_IMAGE, check=False).returncode != 0, f"{node} had the image before pulling"
@@ -147,7 +152,7 @@ def test_image_pushed_to_the_lab_registry_is_pulled_by_a_node(lab):
         assert node_docker(node, "image", "inspect", "-f", "{{.Id}}", PROBE_IMAGE).stdout.strip() == host_image_id
 
 
-def test_two_node_swarm_serves_a_replicated_service_on_an_overlay_from_both_nodes(lab):
+def test_two_node_swarm_serves_a_replicated_service_on_an_overlay_from_both_nodes(lab, pushed_probe):
     manager, worker = NODES
     manager_ip = run(["docker", "inspect", "-f", f'{{{{(index .NetworkSettings.Networks "{LAB_NAME}").IPAddress}}}}', manager]).stdout.strip()
     node_docker(manager, "swarm", "init", "--advertise-addr", manager_ip)
@@ -202,7 +207,7 @@ def node_cpu_seconds(node) -> float:
     return int(stat["usage_usec"]) / 1e6
 
 
-def test_node_cpu_budget_binds_the_containers_it_runs(lab):
+def test_node_cpu_budget_binds_the_containers_it_runs(lab, pushed_probe):
     node = NODES[1]
     node_docker(node, "run", "-d", "--name", "burn", PROBE_IMAGE, "burn", "30")
     try:
@@ -216,6 +221,7 @@ def test_node_cpu_budget_binds_the_containers_it_runs(lab):
         cpu_before, wall_before = node_cpu_seconds(node), time.monotonic()
         time.sleep(5)
         share = (node_cpu_seconds(node) - cpu_before) / (time.monotonic() - wall_before)
+        print(f"node {node} with --cpus {NODE_CPUS}, a busy container inside: {share:.3f} CPU over 5 s")
         # Busy, yet held to the node's budget: 0.5 CPU with a tolerance for accounting granularity.
         assert 0.3 <= share <= NODE_CPUS * 1.2, f"node used {share:.2f} CPU with a budget of {NODE_CPUS}"
     finally:
