@@ -15,20 +15,8 @@ fi
 if docker_answers; then
     mapfile -t containers < <(docker ps -aq --filter "label=$LAB_LABEL")
     if [ "${#containers[@]}" -gt 0 ]; then
-        mapfile -t container_ids < <(docker inspect -f '{{.Id}}' "${containers[@]}")
-        log "stopping ${#containers[@]} container(s)"
-        # A graceful stop lets each node's dockerd stop its own containers first.
-        docker stop -t 20 "${containers[@]}" >/dev/null || true
-        docker rm -f -v "${containers[@]}" >/dev/null
-        # The inner dockerd made <node cgroup>/nested; the host's runtime
-        # removes only the node's own cgroup, which fails while that child exists.
-        for id in "${container_ids[@]}"; do
-            for cgroup in /sys/fs/cgroup/*/docker/"$id" /sys/fs/cgroup/docker/"$id" /sys/fs/cgroup/system.slice/docker-"$id".scope; do
-                if [ -d "$cgroup" ]; then
-                    find "$cgroup" -depth -type d -exec rmdir {} + 2>/dev/null || true
-                fi
-            done
-        done
+        log "stopping and removing ${#containers[@]} container(s)"
+        lab_remove_nodes "${containers[@]}"
     fi
     mapfile -t networks < <(docker network ls -q --filter "label=$LAB_LABEL")
     [ "${#networks[@]}" -eq 0 ] || docker network rm "${networks[@]}" >/dev/null

@@ -106,30 +106,58 @@ mkdir_recorded() {
     fi
 }
 
-# lab_start_node NAME [CPUS] [MEMORY] [extra docker run args...]
+# lab_start_node NAME HOSTNAME CPUS MEMORY AUTHORIZED_KEYS [extra docker run args...]
 # Starts one lab "VM": a container from the node image running its own sshd and
-# dockerd. The flags are what a dockerd-in-container needs on these machines
+# dockerd, its Docker data in LAB_STATE/nodes/NAME. Empty CPUS or MEMORY means
+# no limit. The flags are what a dockerd-in-container needs on these machines
 # (--privileged fails here for lack of CAP_SYS_RESOURCE); the host cgroup tree
 # and host cgroup namespace let the node put its own containers below itself.
 lab_start_node() {
-    local name=$1 cpus=${2:-} memory=${3:-}
-    shift 3 || shift $#
+    local name=$1 hostname=$2 cpus=$3 memory=$4 keys=$5
+    shift 5
     local data="$LAB_STATE/nodes/$name/docker"
     mkdir -p "$data"
     local args=(
-        -d --name "$name" --hostname "$name" --label "$LAB_LABEL" --label io.mlfleet.lab.role=node
+        -d --name "$name" --hostname "$hostname" --label "$LAB_LABEL" --label io.mlfleet.lab.role=node
         --cap-add ALL --cap-drop SYS_RESOURCE
         --security-opt seccomp=unconfined --security-opt apparmor=unconfined --security-opt systempaths=unconfined
         --cgroupns host -v /sys/fs/cgroup:/sys/fs/cgroup:rw --tmpfs /run --tmpfs /tmp
         -v "$data:/var/lib/docker"
         --mount "type=bind,source=$LAB_STATE/registry/tls/ca.crt,target=/etc/docker/certs.d/${LAB_REGISTRY}/ca.crt,readonly"
         --network "$LAB_NETWORK"
-        -e "NODE_SSH_AUTHORIZED_KEYS=$(cat "$LAB_STATE/ssh/id_ed25519.pub")"
+        -e "NODE_SSH_AUTHORIZED_KEYS=$keys"
     )
     [ -n "$cpus" ] && args+=(--cpus "$cpus")
-    [ -n "$memory" ] && args+=(--memory "$memory")
+    # No swap beyond the memory budget, as a VM has none beyond its RAM.
+    [ -n "$memory" ] && args+=(--memory "$memory" --memory-swap "$memory")
     docker run "${args[@]}" "$@" mlfleet-lab/node:latest >/dev/null
 }
+
+# lab_remove_nodes CONTAINER...: stop each node gracefully (its dockerd stops
+# its own containers first), remove it, the cgroups its dockerd nested under it
+# (the host runtime removes only the node's own, which fails while a child
+# exists) and its Docker data.
+lab_remove_nodes() {
+    [ "$#" -gt 0 ] || return 0
+    local ids names id name cgroup
+    mapfile -t ids < <(docker inspect -f '{{.Id}}' "$@")
+    mapfile -t names < <(docker inspect -f '{{.Name}}' "$@")
+    docker stop -t 20 "$@" >/dev/null || true
+    docker rm -f -v "$@" >/dev/null
+    for id in "${ids[@]}"; do
+        for cgroup in /sys/fs/cgroup/*/docker/"$id" /sys/fs/cgroup/docker/"$id" /sys/fs/cgroup/system.slice/docker-"$id".scope; do
+            if [ -d "$cgroup" ]; then
+                find "$cgroup" -depth -type d -exec rmdir {} + 2>/dev/null || true
+            fi
+        done
+    done
+    for name in "${names[@]}"; do
+        rm -rf -- "${LAB_STATE:?}/nodes/${name#/}"
+    done
+}
+
+# The settings other programs (the Proxmox simulator) need, one a line.
+lab_settings() { printf '%s\n' "$LAB_NAME" "$LAB_NETWORK" "$LAB_SUBNET"; }
 
 node_ip() {
     docker inspect -f "{{ (index .NetworkSettings.Networks \"$LAB_NETWORK\").IPAddress }}" "$1"

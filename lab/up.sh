@@ -43,7 +43,7 @@ for i in $(seq 1 "$nodes"); do
     names+=("$name")
     if [ -z "$(docker ps -aq --filter "name=^${name}\$")" ]; then
         log "starting node $name (cpus=$node_cpus memory=$node_memory)"
-        lab_start_node "$name" "$node_cpus" "$node_memory"
+        lab_start_node "$name" "$name" "$node_cpus" "$node_memory" "$(cat "$LAB_STATE/ssh/id_ed25519.pub")"
     elif [ "$(docker inspect -f '{{.State.Running}}' "$name")" != true ]; then
         docker start "$name" >/dev/null
     fi
@@ -66,7 +66,9 @@ mkdir -p "$(dirname "$inventory")"
     echo "      children:"
     echo "        swarm_managers:"
     echo "          hosts:"
-    echo "            ${names[0]}: {ansible_host: $(node_ip "${names[0]}")}"
+    for name in "${names[@]:0:1}"; do
+        echo "            $name: {ansible_host: $(node_ip "$name")}"
+    done
     echo "        swarm_workers:"
     echo "          hosts:"
     for name in "${names[@]:1}"; do

@@ -5,7 +5,7 @@ import tarfile
 
 import pytest
 import yaml
-from conftest import REPO_ROOT, run
+from lab_support import REPO_ROOT, run
 
 GALAXY = yaml.safe_load((REPO_ROOT / "galaxy.yml").read_text())
 # Plugin folders that ansible-doc documents (module_utils and doc_fragments are not plugins of their own).

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO_ROOT, run
+from lab_support import REPO_ROOT, run
 
 LAB_NAME = "mlfleet-test"
 GATEWAY = "192.168.214.1"
