@@ -12,6 +12,9 @@ if [ -e "$LAB_STATE" ] && [ ! -f "$LAB_STATE/$LAB_STATE_MARKER" ]; then
     die "$LAB_STATE has no $LAB_STATE_MARKER: it was not made by lab up; refusing to delete it (check MLFLEET_LAB_STATE)"
 fi
 
+# The simulator first: nothing may start a VM while the lab goes.
+"$LAB_ROOT/pvesim.sh" stop
+
 if docker_answers; then
     mapfile -t containers < <(docker ps -aq --filter "label=$LAB_LABEL")
     if [ "${#containers[@]}" -gt 0 ]; then

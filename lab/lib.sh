@@ -19,6 +19,7 @@ LAB_GATEWAY=${MLFLEET_LAB_GATEWAY:-192.168.213.1}
 LAB_REGISTRY_PORT=${MLFLEET_LAB_REGISTRY_PORT:-5000}
 LAB_REGISTRY="${LAB_GATEWAY}:${LAB_REGISTRY_PORT}"
 LAB_SUITE=${MLFLEET_LAB_SUITE:-bookworm}
+LAB_PVE_PORT=${MLFLEET_LAB_PVE_PORT:-8006}
 
 log() { printf '[lab %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 die() { printf '[lab] error: %s\n' "$*" >&2; exit 1; }
@@ -154,6 +155,24 @@ lab_remove_nodes() {
     for name in "${names[@]}"; do
         rm -rf -- "${LAB_STATE:?}/nodes/${name#/}"
     done
+}
+
+# daemon_running PIDFILE PATTERN: the process in PIDFILE lives and its command
+# line holds PATTERN (a recycled PID is not mistaken for the daemon).
+daemon_running() {
+    [ -s "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null && grep -qa -- "$2" "/proc/$(cat "$1")/cmdline"
+}
+
+# stop_daemon PIDFILE PATTERN: SIGTERM, up to 15 s to exit, then SIGKILL.
+stop_daemon() {
+    if daemon_running "$1" "$2"; then
+        local pid deadline=$((SECONDS + 15))
+        pid=$(cat "$1")
+        kill -TERM "$pid"
+        while kill -0 "$pid" 2>/dev/null && [ "$SECONDS" -lt "$deadline" ]; do sleep 0.2; done
+        if kill -0 "$pid" 2>/dev/null; then kill -KILL "$pid"; fi
+    fi
+    rm -f "$1"
 }
 
 # The settings other programs (the Proxmox simulator) need, one a line.

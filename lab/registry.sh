@@ -11,10 +11,7 @@ set -euo pipefail
 dir="$LAB_STATE/registry"
 pidfile="$dir/registry.pid"
 
-running() {
-    [ -s "$pidfile" ] && kill -0 "$(cat "$pidfile")" 2>/dev/null &&
-        grep -qa docker-registry "/proc/$(cat "$pidfile")/cmdline"
-}
+running() { daemon_running "$pidfile" docker-registry; }
 
 answers() { curl -fsS --cacert "$dir/tls/ca.crt" "https://$LAB_REGISTRY/v2/" >/dev/null; }
 
@@ -69,17 +66,7 @@ CONF
     log "registry answers at $LAB_REGISTRY"
 }
 
-stop() {
-    if running; then
-        local pid
-        pid=$(cat "$pidfile")
-        kill -TERM "$pid"
-        local deadline=$((SECONDS + 15))
-        while kill -0 "$pid" 2>/dev/null && [ "$SECONDS" -lt "$deadline" ]; do sleep 0.2; done
-        kill -0 "$pid" 2>/dev/null && kill -KILL "$pid"
-    fi
-    rm -f "$pidfile"
-}
+stop() { stop_daemon "$pidfile" docker-registry; }
 
 push() {
     local image=${1:?usage: $0 push IMAGE [NAME]} name tag=latest

@@ -37,6 +37,8 @@ if [ ! -s "$LAB_STATE/ssh/id_ed25519" ]; then
     ssh-keygen -q -t ed25519 -N '' -C "$LAB_NAME" -f "$LAB_STATE/ssh/id_ed25519"
 fi
 
+"$LAB_ROOT/pvesim.sh" start
+
 names=()
 for i in $(seq 1 "$nodes"); do
     name="$LAB_NAME-node-$i"

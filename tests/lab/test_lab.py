@@ -7,12 +7,16 @@ directory), so a developer's lab is never touched; the last test takes it down.
 
 import os
 import re
+import socket
 import time
 from pathlib import Path
 
 import pytest
+import requests
 import yaml
 from lab_support import REPO_ROOT, run
+
+from lab.pvesim.config import DEFAULT_CONFIG
 
 LAB_NAME = "mlfleet-test"
 GATEWAY = "192.168.214.1"
@@ -20,6 +24,7 @@ REGISTRY = f"{GATEWAY}:5000"
 NODE_CPUS = 0.5
 NODES = [f"{LAB_NAME}-node-1", f"{LAB_NAME}-node-2"]
 PROBE_IMAGE = f"{REGISTRY}/lab/probe:latest"
+PVE_PORT = 18006
 SERVICE = "probe"
 OVERLAY = "probe-net"
 
@@ -60,6 +65,7 @@ def lab(tmp_path_factory):
         "MLFLEET_LAB_NODE_CPUS": str(NODE_CPUS),
         "MLFLEET_LAB_NODE_MEMORY": "1g",
         "MLFLEET_LAB_INVENTORY": str(inventory_dir / "lab_nodes.yml"),
+        "MLFLEET_LAB_PVE_PORT": str(PVE_PORT),
     }
     watched = [work / "state", Path("/etc/docker/certs.d"), Path(f"/etc/docker/certs.d/{REGISTRY}"), inventory_dir / "lab_nodes.yml"]
     run([REPO_ROOT / "lab" / "dockerd.sh", "ensure"])
@@ -106,6 +112,21 @@ def test_lab_up_again_keeps_what_runs(lab):
     run([REPO_ROOT / "lab" / "up.sh"], env=lab["env"])
     assert container_ids(lab["env"]) == first_ids
     assert inventory.read_text() == first_inventory
+
+
+def test_the_proxmox_simulator_answers_as_the_labs_proxmox(lab):
+    ca_file = lab["work"] / "state" / "pvesim" / "ca.pem"
+    url = f"https://127.0.0.1:{PVE_PORT}/api2/json/version"
+    assert requests.get(url, verify=ca_file, timeout=10).status_code == 401
+    secret = DEFAULT_CONFIG["users"]["root@pam"]["tokens"]["admin"]["secret"]
+    answer = requests.get(url, verify=ca_file, timeout=10, headers={"Authorization": f"PVEAPIToken=root@pam!admin={secret}"})
+    assert answer.status_code == 200
+    assert answer.json()["data"]["version"]
+
+
+def port_open(port: int) -> bool:
+    with socket.socket() as probe:
+        return probe.connect_ex(("127.0.0.1", port)) == 0
 
 
 def test_nodes_answer_ansible_over_ssh_with_the_generated_key(lab):
@@ -234,5 +255,6 @@ def test_lab_down_leaves_the_host_as_it_was(lab):
     lab["down"] = True
     after = host_snapshot(lab["watched"])
     assert after == lab["before"]
+    assert not port_open(PVE_PORT), "the Proxmox simulator still listens"
     # The golden template is the build cache, not lab state.
     assert set(run(["docker", "images", "-q", "--no-trunc", "mlfleet-lab/node"]).stdout.split()) == images_before

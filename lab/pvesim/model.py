@@ -1,0 +1,548 @@
+"""The simulated cluster: nodes, storages, pools, VMs and what happens to them over time.
+
+Error texts are Proxmox's own where the client may match on them (locks, "already exists", agent);
+the README lists the ones the simulator had to word itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import re
+import secrets
+from dataclasses import dataclass, field
+from typing import Any
+
+from .backend import Backend, BackendError
+from .config import GIB
+from .errors import ApiError, TaskFailed
+from .formats import AGENT, MEMORY, NET, format_property_string, parse_property_string
+from .tasks import Clock, Task, TaskRunner
+
+FIRST_VMID = 100
+DEFAULT_MEMORY_MIB = 512  # Proxmox's `memory` default
+_DISK_KEY = re.compile(r"^(scsi|virtio|sata|ide|efidisk|tpmstate|unused)\d+$")
+_DISK_SUFFIX = re.compile(r"disk-\d+$")
+_VOLUME = re.compile(r"^(?P<storage>[^:]+):(?P<volume>[^,]+)(?P<options>.*)$")
+
+
+@dataclass
+class Node:
+    name: str
+    maxcpu: int
+    maxmem: int
+    boot_time: float
+
+
+@dataclass
+class Storage:
+    name: str
+    type: str
+    shared: bool
+    size: int
+    content: str
+    speed: float
+
+
+@dataclass
+class VM:
+    vmid: int
+    node: str
+    config: dict[str, Any]
+    status: str = "stopped"
+    started_at: float | None = None
+    agent_ready_at: float | None = None
+    pool: str | None = None
+    snapshots: dict[str, dict] = field(default_factory=dict)
+
+    @property
+    def is_template(self) -> bool:
+        return bool(int(self.config.get("template", 0)))
+
+    @property
+    def agent_enabled(self) -> bool:
+        return parse_property_string(str(self.config.get("agent", "0")), AGENT).get("enabled") == "1"
+
+    @property
+    def lock(self) -> str | None:
+        return self.config.get("lock")
+
+    @property
+    def memory_bytes(self) -> int:
+        memory = parse_property_string(str(self.config.get("memory", DEFAULT_MEMORY_MIB)), MEMORY)
+        return int(memory.get("current", DEFAULT_MEMORY_MIB)) * 1024 * 1024
+
+    @property
+    def cpus(self) -> int:
+        return int(self.config.get("cores", 1)) * int(self.config.get("sockets", 1))
+
+    def disks(self) -> dict[str, tuple[str, str, int]]:
+        """{key: (storage, volume name, size in bytes)} of the VM's disks (CD-ROMs excluded)."""
+        found = {}
+        for key, value in self.config.items():
+            match = _VOLUME.match(str(value)) if _DISK_KEY.match(key) else None
+            if match and "media=cdrom" not in match["options"]:
+                size = re.search(r"size=(\d+)([KMGT]?)", match["options"])
+                multiplier = {"": 1, "K": 1024, "M": 1024**2, "G": GIB, "T": 1024 * GIB}[size[2]] if size else 0
+                found[key] = (match["storage"], match["volume"], int(size[1]) * multiplier if size else 0)
+        return found
+
+    @property
+    def maxdisk(self) -> int:
+        return sum(size for _storage, _volume, size in self.disks().values())
+
+    def digest(self) -> str:
+        text = "".join(f"{key}: {value}\n" for key, value in sorted(self.config.items()) if key != "digest")
+        return hashlib.sha1(text.encode(), usedforsecurity=False).hexdigest()
+
+    def to_state(self) -> dict:
+        return {"vmid": self.vmid, "node": self.node, "config": self.config, "status": self.status, "pool": self.pool, "snapshots": self.snapshots}
+
+
+@dataclass
+class Faults:
+    """What is broken on purpose: set from the config's `faults` section or the /_sim/faults endpoint."""
+
+    clone_failure: str | None = None
+    clone_failures_left: int | None = None
+    slow_storage: dict[str, float] = field(default_factory=dict)
+    offline_nodes: set[str] = field(default_factory=set)
+    agent_never_up: set[int] = field(default_factory=set)
+    agent_never_up_anywhere: bool = False
+
+    @classmethod
+    def from_dict(cls, spec: dict) -> Faults:
+        known = {"clone_failure", "slow_storage", "offline_nodes", "agent_never_up"}
+        unknown = set(spec) - known
+        if unknown:
+            raise ValueError(f"unknown faults: {', '.join(sorted(unknown))} (known: {', '.join(sorted(known))})")
+        faults = cls()
+        clone_failure = spec.get("clone_failure")
+        if clone_failure:
+            faults.clone_failure = str(clone_failure.get("message", "clone failed: simulated storage error"))
+            count = clone_failure.get("count")
+            faults.clone_failures_left = None if count is None else int(count)
+        faults.slow_storage = {str(name): float(factor) for name, factor in (spec.get("slow_storage") or {}).items()}
+        faults.offline_nodes = {str(node) for node in spec.get("offline_nodes") or []}
+        agent = spec.get("agent_never_up") or []
+        faults.agent_never_up_anywhere = agent == "all"
+        faults.agent_never_up = set() if agent == "all" else {int(vmid) for vmid in agent}
+        return faults
+
+    def to_dict(self) -> dict:
+        spec: dict[str, Any] = {}
+        if self.clone_failure:
+            spec["clone_failure"] = {"message": self.clone_failure, "count": self.clone_failures_left}
+        if self.slow_storage:
+            spec["slow_storage"] = self.slow_storage
+        if self.offline_nodes:
+            spec["offline_nodes"] = sorted(self.offline_nodes)
+        if self.agent_never_up_anywhere:
+            spec["agent_never_up"] = "all"
+        elif self.agent_never_up:
+            spec["agent_never_up"] = sorted(self.agent_never_up)
+        return spec
+
+
+def locked_message(vm: VM) -> str:
+    return f"VM {vm.vmid} is locked ({vm.lock})"
+
+
+def new_mac() -> str:
+    # BC:24:11 is the prefix Proxmox VE uses for generated MAC addresses.
+    return "BC:24:11:" + ":".join(f"{byte:02X}" for byte in secrets.token_bytes(3))
+
+
+def with_mac(net_value: str) -> str:
+    """A `net[n]` value with a MAC address, generated if it has none (as Proxmox does when it stores one)."""
+    net = parse_property_string(net_value, NET)
+    net.setdefault("model", "virtio")
+    net.setdefault("macaddr", new_mac())
+    return format_property_string(net, NET)
+
+
+class Cluster:
+    """State and behaviour of the simulated cluster; the API layer maps HTTP calls onto these methods."""
+
+    def __init__(self, config: dict, backend: Backend, clock: Clock | None = None):
+        self.clock = clock or Clock()
+        self.backend = backend
+        self.name = config["cluster_name"]
+        self.durations: dict[str, float] = dict(config["durations"])
+        self.limits: dict[str, float] = dict(config["limits"])
+        now = self.clock.time()
+        self.nodes = {
+            name: Node(name, int(spec["maxcpu"]), int(float(spec.get("maxmem_gib", 0)) * GIB) or int(spec.get("maxmem", 0)), now)
+            for name, spec in config["nodes"].items()
+        }
+        self.storages = {
+            name: Storage(
+                name, spec["type"], bool(spec.get("shared")), int(float(spec["size_gib"]) * GIB), spec.get("content", "images"), float(spec.get("speed", 1))
+            )
+            for name, spec in config["storages"].items()
+        }
+        self.pools: dict[str, str] = {poolid: spec.get("comment", "") for poolid, spec in config["pools"].items()}
+        self.vms: dict[int, VM] = {}
+        self.faults = Faults.from_dict(config.get("faults") or {})
+        self.dirty = False
+        self.runner = TaskRunner(self.clock, self.mark_dirty)
+        self._clones_of: dict[int, int] = {}
+        self._clone_slot_freed = asyncio.Condition()
+        for spec in config["vms"]:
+            self._add_configured_vm(spec)
+
+    def _add_configured_vm(self, spec: dict) -> None:
+        vmid = int(spec["vmid"])
+        vm = VM(vmid, spec["node"], dict(spec.get("config", {})), pool=spec.get("pool"))
+        storage = spec.get("storage", "local-lvm")
+        prefix = "base" if spec.get("template") else "vm"
+        vm.config.setdefault("scsi0", f"{storage}:{prefix}-{vmid}-disk-0,size={int(spec.get('disk_gib', 8))}G")
+        vm.config.setdefault("boot", "order=scsi0")
+        if spec.get("template"):
+            vm.config["template"] = 1
+        for key in [key for key in vm.config if key.startswith("net")]:
+            vm.config[key] = with_mac(str(vm.config[key]))
+        vm.config["vmgenid"] = vm.config.get("vmgenid") or _uuid()
+        vm.config["smbios1"] = vm.config.get("smbios1") or f"uuid={_uuid()}"
+        self._check_placement(vm)
+        self.vms[vmid] = vm
+
+    def _check_placement(self, vm: VM) -> None:
+        if vm.node not in self.nodes:
+            raise ValueError(f"VM {vm.vmid}: unknown node {vm.node}")
+        if vm.pool and vm.pool not in self.pools:
+            raise ValueError(f"VM {vm.vmid}: unknown pool {vm.pool}")
+        for storage, _volume, _size in vm.disks().values():
+            if storage not in self.storages:
+                raise ValueError(f"VM {vm.vmid}: unknown storage {storage}")
+
+    def mark_dirty(self) -> None:
+        self.dirty = True
+
+    # --- persistence ----------------------------------------------------------------------------
+
+    def to_state(self) -> dict:
+        return {
+            "vms": [vm.to_state() for vm in self.vms.values()],
+            "pools": self.pools,
+            "tasks": [task.to_state() for task in self.runner.tasks.values()],
+        }
+
+    def load_state(self, state: dict) -> None:
+        """Restore VMs, pools and task history; running VMs come back with their agent answering."""
+        self.pools = dict(state.get("pools", self.pools))
+        self.vms = {}
+        now = self.clock.time()
+        for entry in state.get("vms", []):
+            vm = VM(int(entry["vmid"]), entry["node"], dict(entry["config"]), entry.get("status", "stopped"), pool=entry.get("pool"))
+            vm.snapshots = dict(entry.get("snapshots", {}))
+            if vm.status == "running":
+                vm.started_at = vm.agent_ready_at = now
+            self._check_placement(vm)
+            self.vms[vm.vmid] = vm
+        for entry in state.get("tasks", []):
+            task = Task.from_state(entry)
+            self.runner.tasks[task.upid] = task
+
+    # --- lookups --------------------------------------------------------------------------------
+
+    def pool_of(self, vmid: int) -> str | None:
+        vm = self.vms.get(vmid)
+        return vm.pool if vm else None
+
+    def node(self, name: str) -> Node:
+        """The node a request addresses; Proxmox proxies such requests, so an offline node answers 595."""
+        node = self.nodes.get(name)
+        if node is None:
+            raise ApiError(f"hostname lookup '{name}' failed - failed to get address info for: {name}: Name or service not known")
+        if name in self.faults.offline_nodes:
+            raise ApiError("No route to host", status=595)
+        return node
+
+    def node_online(self, name: str) -> bool:
+        return name not in self.faults.offline_nodes
+
+    def vm(self, node: str, vmid: int) -> VM:
+        self.node(node)
+        vm = self.vms.get(vmid)
+        if vm is None or vm.node != node:
+            raise ApiError(f"Configuration file 'nodes/{node}/qemu-server/{vmid}.conf' does not exist")
+        return vm
+
+    def storage(self, name: str) -> Storage:
+        storage = self.storages.get(name)
+        if storage is None:
+            raise ApiError(f"storage '{name}' does not exist")
+        return storage
+
+    def next_free_id(self) -> int:
+        vmid = FIRST_VMID
+        while vmid in self.vms:
+            vmid += 1
+        return vmid
+
+    def storage_used(self, name: str) -> int:
+        return sum(size for vm in self.vms.values() for storage, _volume, size in vm.disks().values() if storage == name)
+
+    def node_memory_used(self, name: str) -> int:
+        return sum(vm.memory_bytes for vm in self.vms.values() if vm.node == name and vm.status == "running")
+
+    def uptime(self, vm: VM) -> int:
+        return int(self.clock.time() - vm.started_at) if vm.status == "running" and vm.started_at else 0
+
+    def agent_answers(self, vm: VM) -> bool:
+        if vm.status != "running" or vm.agent_ready_at is None or self.clock.time() < vm.agent_ready_at:
+            return False
+        return not (self.faults.agent_never_up_anywhere or vm.vmid in self.faults.agent_never_up)
+
+    # --- clone ----------------------------------------------------------------------------------
+
+    def clone_storages(self, source: VM, storage: str | None) -> list[str]:
+        """The storages a clone writes to (Proxmox checks Datastore.AllocateSpace on each)."""
+        return sorted({storage or disk_storage for disk_storage, _volume, _size in source.disks().values()})
+
+    def check_clone(self, source: VM, newid: int, full: bool, storage: str | None, target: str | None) -> None:
+        """The checks Proxmox makes before it forks the clone worker."""
+        if newid in self.vms:
+            raise ApiError(f"unable to create VM {newid}: config file already exists")
+        if storage is not None and not full:
+            raise ApiError("parameter 'storage' not allowed for linked clones")
+        if not full and not source.is_template:
+            first_disk = next(iter(source.disks()), "scsi0")
+            raise ApiError(f"Linked clone feature is not supported for drive '{first_disk}'")
+        if storage is not None:
+            self.storage(storage)
+        if target is not None and target != source.node:
+            if target not in self.nodes:
+                raise ApiError(f"no such cluster node '{target}'")
+            if not self.node_online(target):
+                raise ApiError(f"target node '{target}' is offline")
+            if storage is not None and not self.storages[storage].shared:
+                raise ApiError(f"can't clone to non-shared storage '{storage}'")
+            if any(not self.storages[name].shared for name in self.clone_storages(source, storage)):
+                raise ApiError(f"can't clone VM to node '{target}' (VM uses local storage)")
+
+    def clone(
+        self,
+        source: VM,
+        newid: int,
+        user: str,
+        *,
+        full: bool,
+        name: str | None,
+        description: str | None,
+        pool: str | None,
+        storage: str | None,
+        target: str | None,
+    ) -> Task:
+        self.check_clone(source, newid, full, storage, target)
+        if pool is not None and pool not in self.pools:
+            raise ApiError(f"pool '{pool}' does not exist")
+        target_node = target or source.node
+        target_storage = storage or next(iter(self.clone_storages(source, None)), "local-lvm")
+        speed = self.storages[target_storage].speed / self.faults.slow_storage.get(target_storage, 1.0)
+        duration = self.durations["clone_full"] / speed if full else self.durations["clone_linked"]
+
+        async def work(task: Task) -> None:
+            task.log.append(f"create {'full' if full else 'linked'} clone of drive scsi0 ({target_storage})")
+            await self._take_clone_slot(source.vmid)
+            try:
+                await self.clock.sleep(self.durations["clone_setup"])
+                if newid in self.vms:
+                    raise TaskFailed(f"unable to create VM {newid} - VM {newid} already exists")
+                clone = VM(newid, target_node, self._cloned_config(source, newid, full, storage, name, description))
+                clone.config["lock"] = "clone"
+                self.vms[newid] = clone
+                self.mark_dirty()
+                await self._finish_clone(clone, duration, pool)
+            finally:
+                await self._release_clone_slot(source.vmid)
+
+        return self.runner.spawn(source.node, "qmclone", source.vmid, user, work)
+
+    async def _finish_clone(self, clone: VM, duration: float, pool: str | None) -> None:
+        try:
+            await self.clock.sleep(duration)
+            if self.faults.clone_failure and self.faults.clone_failures_left != 0:
+                if self.faults.clone_failures_left is not None:
+                    self.faults.clone_failures_left -= 1
+                raise TaskFailed(self.faults.clone_failure)
+        except (TaskFailed, asyncio.CancelledError):
+            # Proxmox removes the half-made VM when a clone fails.
+            self.vms.pop(clone.vmid, None)
+            self.mark_dirty()
+            raise
+        clone.config.pop("lock", None)
+        if pool is not None:
+            clone.pool = pool
+        self.mark_dirty()
+
+    async def _take_clone_slot(self, vmid: int) -> None:
+        limit = int(self.limits["parallel_clones_per_source"])
+        async with self._clone_slot_freed:
+            try:
+                await asyncio.wait_for(self._clone_slot_freed.wait_for(lambda: self._clones_of.get(vmid, 0) < limit), timeout=self.limits["lock_wait"])
+            except TimeoutError:
+                raise TaskFailed(f"can't lock file '/var/lock/qemu-server/lock-{vmid}.conf' - got timeout") from None
+            self._clones_of[vmid] = self._clones_of.get(vmid, 0) + 1
+
+    async def _release_clone_slot(self, vmid: int) -> None:
+        async with self._clone_slot_freed:
+            self._clones_of[vmid] -= 1
+            self._clone_slot_freed.notify_all()
+
+    def _cloned_config(self, source: VM, newid: int, full: bool, storage: str | None, name: str | None, description: str | None) -> dict:
+        config = {key: value for key, value in source.config.items() if key not in ("template", "lock", "digest", "parent")}
+        for key, (disk_storage, volume, _size) in source.disks().items():
+            options = _VOLUME.match(str(source.config[key]))["options"]
+            disk_name = f"vm-{newid}-{_DISK_SUFFIX.search(volume)[0]}"
+            if full:
+                config[key] = f"{storage or disk_storage}:{disk_name}{options}"
+            else:
+                config[key] = f"{disk_storage}:{volume}/{disk_name}{options}"
+        for key in [key for key in config if re.fullmatch(r"net\d+", key)]:
+            net = parse_property_string(str(config[key]), NET)
+            net["macaddr"] = new_mac()
+            config[key] = format_property_string(net, NET)
+        config["name"] = name or f"Copy-of-VM-{source.config.get('name', source.vmid)}"
+        if description is not None:
+            config["description"] = description
+        config["vmgenid"] = _uuid()
+        config["smbios1"] = f"uuid={_uuid()}"
+        return config
+
+    # --- power ----------------------------------------------------------------------------------
+
+    def start(self, vm: VM, user: str) -> Task:
+        if vm.is_template:
+            raise ApiError("you can't start a vm if it's a template")
+
+        async def work(task: Task) -> None:
+            if vm.status == "running":
+                raise TaskFailed(f"VM {vm.vmid} already running")
+            node = self.nodes[vm.node]
+            if self.node_memory_used(vm.node) + vm.memory_bytes > node.maxmem:
+                raise TaskFailed(f"start failed: not enough free memory on node '{vm.node}' for VM {vm.vmid}")
+            await self.clock.sleep(self.durations["start"])
+            await self._backend(self.backend.start, vm)
+            vm.status, vm.started_at = "running", self.clock.time()
+            vm.agent_ready_at = vm.started_at + self.durations["boot_to_agent"] if vm.agent_enabled else None
+            self.mark_dirty()
+
+        return self.runner.spawn(vm.node, "qmstart", vm.vmid, user, work)
+
+    def stop(self, vm: VM, user: str) -> Task:
+        async def work(task: Task) -> None:
+            if vm.status == "running":
+                await self.clock.sleep(self.durations["stop"])
+                await self._power_off(vm)
+
+        return self.runner.spawn(vm.node, "qmstop", vm.vmid, user, work)
+
+    def shutdown(self, vm: VM, user: str, timeout: int | None, force_stop: bool) -> Task:
+        async def work(task: Task) -> None:
+            if vm.status != "running":
+                raise TaskFailed(f"VM {vm.vmid} not running")
+            needed = self.durations["shutdown"]
+            if timeout is not None and timeout < needed:
+                await self.clock.sleep(timeout)
+                if not force_stop:
+                    raise TaskFailed("VM quit/powerdown failed - got timeout")
+                task.log.append("VM still running - terminating now with SIGTERM")
+            else:
+                await self.clock.sleep(needed)
+            await self._power_off(vm)
+
+        return self.runner.spawn(vm.node, "qmshutdown", vm.vmid, user, work)
+
+    def reboot(self, vm: VM, user: str) -> Task:
+        if vm.status != "running":
+            raise ApiError(f"VM {vm.vmid} not running")
+
+        async def work(task: Task) -> None:
+            await self._power_off(vm)
+            await self.clock.sleep(self.durations["reboot"])
+            await self._backend(self.backend.start, vm)
+            vm.status, vm.started_at = "running", self.clock.time()
+            vm.agent_ready_at = vm.started_at + self.durations["boot_to_agent"]
+            self.mark_dirty()
+
+        return self.runner.spawn(vm.node, "qmreboot", vm.vmid, user, work)
+
+    async def _power_off(self, vm: VM) -> None:
+        await self._backend(self.backend.stop, vm)
+        vm.status, vm.started_at, vm.agent_ready_at = "stopped", None, None
+        self.mark_dirty()
+
+    async def _backend(self, action, vm: VM) -> None:
+        try:
+            await action(vm)
+        except BackendError as error:
+            raise TaskFailed(str(error)) from None
+
+    # --- lifecycle ------------------------------------------------------------------------------
+
+    def destroy(self, vm: VM, user: str, skiplock: bool) -> Task:
+        if vm.lock and not skiplock:
+            raise ApiError(locked_message(vm))
+        if vm.status == "running":
+            raise ApiError(f"VM {vm.vmid} is running - destroy failed")
+        if int(vm.config.get("protection", 0)):
+            raise ApiError(f"can't remove VM {vm.vmid} - protection mode enabled")
+        vm.config["lock"] = "destroyed"
+
+        async def work(task: Task) -> None:
+            await self.clock.sleep(self.durations["destroy"])
+            await self._backend(self.backend.destroy, vm)
+            for key, (storage, volume, _size) in vm.disks().items():
+                task.log.append(f"Removing image: {storage}:{volume.rsplit('/', 1)[-1]} ({key})")
+            self.vms.pop(vm.vmid, None)
+            self.mark_dirty()
+
+        return self.runner.spawn(vm.node, "qmdestroy", vm.vmid, user, work)
+
+    def make_template(self, vm: VM, user: str) -> Task:
+        if vm.lock:
+            raise ApiError(locked_message(vm))
+        if vm.status == "running":
+            raise ApiError("you can't convert a VM to template if VM is running")
+        if vm.is_template:
+            raise ApiError("you can't convert a template to a template")
+
+        async def work(task: Task) -> None:
+            await self.clock.sleep(self.durations["template"])
+            for key, (storage, volume, _size) in vm.disks().items():
+                options = _VOLUME.match(str(vm.config[key]))["options"]
+                vm.config[key] = f"{storage}:{volume.replace('vm-', 'base-', 1)}{options}"
+            vm.config["template"] = 1
+            self.mark_dirty()
+
+        return self.runner.spawn(vm.node, "qmtemplate", vm.vmid, user, work)
+
+    def snapshot(self, vm: VM, user: str, snapname: str, description: str, vmstate: bool) -> Task:
+        if vm.lock:
+            raise ApiError(locked_message(vm))
+        if snapname in vm.snapshots or snapname == "current":
+            raise ApiError(f"snapshot name '{snapname}' already used")
+        vm.config["lock"] = "snapshot"
+
+        async def work(task: Task) -> None:
+            try:
+                await self.clock.sleep(self.durations["snapshot"])
+                entry = {"name": snapname, "description": description, "snaptime": int(self.clock.time())}
+                if vm.config.get("parent"):
+                    entry["parent"] = vm.config["parent"]
+                if vmstate and vm.status == "running":
+                    entry["vmstate"] = 1
+                vm.snapshots[snapname] = {**entry, "config": dict(vm.config)}
+                vm.config["parent"] = snapname
+            finally:
+                vm.config.pop("lock", None)
+                self.mark_dirty()
+
+        return self.runner.spawn(vm.node, "qmsnapshot", vm.vmid, user, work)
+
+
+def _uuid() -> str:
+    raw = secrets.token_hex(16)
+    return f"{raw[:8]}-{raw[8:12]}-{raw[12:16]}-{raw[16:20]}-{raw[20:]}"
