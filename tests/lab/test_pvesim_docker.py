@@ -163,14 +163,16 @@ def wait_for_task(api, upid, timeout=60):
     raise AssertionError(f"task {upid} still running after {timeout}s")
 
 
-def test_proxmoxer_drives_a_docker_backed_vm_from_clone_to_ssh_and_back(backend, lab_env, tmp_path):
+@pytest.mark.parametrize("auth", ["token", "ticket"])
+def test_proxmoxer_drives_a_docker_backed_vm_from_clone_to_ssh_and_back(backend, lab_env, tmp_path, auth):
     simulator = Simulator(copy.deepcopy(DEFAULT_CONFIG), tmp_path / "sim", backend=backend)
-    token_secret = DEFAULT_CONFIG["users"]["root@pam"]["tokens"]["admin"]["secret"]
+    root = DEFAULT_CONFIG["users"]["root@pam"]
+    credentials = {"token_name": "admin", "token_value": root["tokens"]["admin"]["secret"]} if auth == "token" else {"password": root["password"]}
     public_key = Path(f"{lab_env['key']}.pub").read_text().strip()
     with running_in_thread(simulator) as url:
         api = ProxmoxAPI(
-            "127.0.0.1", port=urllib.parse.urlsplit(url).port, user="root@pam", token_name="admin", token_value=token_secret,
-            verify_ssl=str(simulator.certificates.ca_file), timeout=30,
+            "127.0.0.1", port=urllib.parse.urlsplit(url).port, user="root@pam", verify_ssl=str(simulator.certificates.ca_file), timeout=30,
+            **credentials,
         )  # fmt: skip
         template = next(vm for vm in api.cluster.resources.get(type="vm") if vm["template"])
         vmid = int(api.cluster.nextid.get())
