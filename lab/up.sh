@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Bring the lab up: dockerd on the control host, the lab network, the lab
-# registry (TLS, bound to the lab gateway), an SSH key, and the node containers
-# that stand in for VMs. Re-running it converges: what exists is kept.
+# registry (TLS, bound to the lab gateway), an SSH key, and the Proxmox VE
+# simulator whose VMs are node containers. site.yml provisions the VMs through
+# it. Re-running lab up converges: what exists is kept.
 #
-#   MLFLEET_LAB_NODES=2        how many nodes to start
+#   MLFLEET_LAB_NODES=0        plain node containers to start besides, for tests
+#                              of the lab itself (not needed by site.yml)
 #   MLFLEET_LAB_NODE_CPUS=1    CPU budget of each node (docker --cpus)
 #   MLFLEET_LAB_NODE_MEMORY=2g memory budget of each node
-#   MLFLEET_LAB_INVENTORY      where to write the generated inventory
+#   MLFLEET_LAB_INVENTORY      where to write the plain nodes' inventory
 #                              (default: inventories/lab/lab_nodes.yml)
 # See lab/lib.sh for the names, subnet and paths (all MLFLEET_LAB_* overridable).
 set -euo pipefail
@@ -14,7 +16,7 @@ set -euo pipefail
 . "$(dirname "$0")/lib.sh"
 require_root "lab up"
 
-nodes=${MLFLEET_LAB_NODES:-2}
+nodes=${MLFLEET_LAB_NODES:-0}
 node_cpus=${MLFLEET_LAB_NODE_CPUS:-1}
 node_memory=${MLFLEET_LAB_NODE_MEMORY:-2g}
 inventory=${MLFLEET_LAB_INVENTORY:-$REPO_ROOT/inventories/lab/lab_nodes.yml}
@@ -53,6 +55,11 @@ done
 for name in "${names[@]}"; do
     wait_until 90 "node $name (sshd and dockerd; see: docker logs $name)" node_ready "$name"
 done
+
+if [ "$nodes" -eq 0 ]; then
+    log "lab '$LAB_NAME' is up in $((SECONDS - started))s: Proxmox simulator $("$LAB_ROOT/pvesim.sh" url), registry $LAB_REGISTRY"
+    exit 0
+fi
 
 mkdir -p "$(dirname "$inventory")"
 {

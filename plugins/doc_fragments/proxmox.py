@@ -61,3 +61,37 @@ requirements:
   - proxmoxer >= 2.0
   - requests
 """
+
+    # Inventory plugins take their options from Ansible's configuration system, not from an argspec:
+    # these `env:` entries are the inventory's counterpart of the modules' env_fallback. A plugin lists
+    # this fragment after DOCUMENTATION, which supplies the descriptions, types and defaults.
+    INVENTORY = r"""
+options:
+  api_host:
+    env:
+      - name: PROXMOX_HOST
+  api_port:
+    env:
+      - name: PROXMOX_PORT
+  api_user:
+    env:
+      - name: PROXMOX_USER
+  api_password:
+    env:
+      - name: PROXMOX_PASSWORD
+  api_token_id:
+    env:
+      - name: PROXMOX_TOKEN_ID
+  api_token_secret:
+    env:
+      - name: PROXMOX_TOKEN_SECRET
+  validate_certs:
+    env:
+      - name: PROXMOX_VALIDATE_CERTS
+  ca_path:
+    env:
+      - name: PROXMOX_CA_PATH
+  api_timeout:
+    env:
+      - name: PROXMOX_API_TIMEOUT
+"""

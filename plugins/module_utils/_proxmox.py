@@ -75,7 +75,8 @@ class ProxmoxClient:
 
     Token auth (``api_token_id`` + ``api_token_secret``) or password auth (``api_password``, a ticket
     login). Certificates are validated unless ``validate_certs`` is false; ``ca_path`` names the CA
-    of a cluster with its own certificate authority.
+    of a cluster with its own certificate authority. ``max_connections`` is how many threads may call
+    at once without opening new connections.
     """
 
     def __init__(
@@ -89,32 +90,35 @@ class ProxmoxClient:
         validate_certs=True,
         ca_path=None,
         api_timeout=30,
+        max_connections=10,
     ):
         if PROXMOXER_IMPORT_ERROR:
             raise ProxmoxError(missing_required_lib("proxmoxer"))
         self.endpoint = f"{api_host}:{api_port}"
         self.user = api_user
         verify = ca_path if validate_certs and ca_path else bool(validate_certs)
+        # A token needs no login: wrong token credentials surface at the first call (HTTP 401), which for every
+        # caller is a read that comes before any write.
         if api_token_secret:
             credentials = {"token_name": api_token_id, "token_value": api_token_secret}
-            # A token needs no login; ask once so wrong credentials fail here, not mid-change.
-            probe = True
         else:
             credentials = {"password": api_password}
-            probe = False
         try:
             self.api = ProxmoxAPI(api_host, port=api_port, user=api_user, verify_ssl=verify, timeout=api_timeout, service="PVE", **credentials)
         except AuthenticationError:
             raise ProxmoxError(f"Proxmox VE at {self.endpoint} refused the login of {api_user}: check api_user and api_password (user@realm)") from None
         except requests.exceptions.RequestException as error:
             raise ProxmoxError(self._transport_message(error)) from None
-        if probe:
-            self.get("version")
+        # As many kept-alive connections as callers use at once: a smaller pool makes threads open and close
+        # connections, a TLS handshake each.
+        adapter = requests.adapters.HTTPAdapter(pool_connections=1, pool_maxsize=max_connections)
+        self.api._store["session"].mount("https://", adapter)
 
     @classmethod
-    def from_params(cls, params):
-        """A client from module parameters or inventory options that hold the connection options."""
-        return cls(**{name: params.get(name) for name in CONNECTION_OPTIONS if params.get(name) is not None})
+    def from_params(cls, params, **extra):
+        """A client from module parameters or inventory options that hold the connection options (``extra``: other
+        constructor arguments, such as ``max_connections``)."""
+        return cls(**{name: params.get(name) for name in CONNECTION_OPTIONS if params.get(name) is not None}, **extra)
 
     def _transport_message(self, error):
         if isinstance(error, requests.exceptions.SSLError):

@@ -56,20 +56,22 @@ def test_password_login_works_and_a_wrong_one_names_the_user_and_fix(sim):
         client(sim, api_token_id=None, api_token_secret=None, api_password="wrong")
 
 
-def test_a_wrong_token_fails_at_once_naming_the_endpoint(sim):
-    with pytest.raises(ProxmoxError, match=rf"127\.0\.0\.1:{sim['port']} rejected the credentials of root@pam"):
-        client(sim, api_token_secret="00000000-0000-0000-0000-000000000000")
+def test_a_wrong_token_fails_at_the_first_call_naming_the_endpoint(sim):
+    wrong = client(sim, api_token_secret="00000000-0000-0000-0000-000000000000")
+    with pytest.raises(ProxmoxError, match=rf"127\.0\.0\.1:{sim['port']} rejected the credentials of root@pam .*check api_token_id and api_token_secret"):
+        wrong.vm_resources()
 
 
 def test_certificates_are_verified_by_default_and_the_error_says_how_to_trust_the_cluster(sim):
     with pytest.raises(ProxmoxError, match=r"TLS verification .* failed .*set ca_path to the cluster's CA certificate"):
-        client(sim, ca_path=None)
+        client(sim, ca_path=None).get("version")
     assert client(sim, ca_path=None, validate_certs=False).get("version")
 
 
 def test_unreachable_api_names_host_and_port():
+    unreachable = ProxmoxClient(api_host="127.0.0.1", api_port=9, api_user="root@pam", api_token_id="admin", api_token_secret="x", api_timeout=2)
     with pytest.raises(ProxmoxError, match=r"cannot reach Proxmox VE at 127\.0\.0\.1:9 .*check api_host and api_port"):
-        ProxmoxClient(api_host="127.0.0.1", api_port=9, api_user="root@pam", api_token_id="admin", api_token_secret="x", api_timeout=2)
+        unreachable.get("version")
 
 
 def test_parameter_errors_carry_the_parameter_and_reason(sim):

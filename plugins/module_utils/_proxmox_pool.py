@@ -1,0 +1,229 @@
+# Copyright (c) mlfleet.serving maintainers
+# GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
+"""Decisions of the proxmox_vm_pool module that need no server: membership, template choice, placement,
+VM id allocation, static addresses, scale-in victims and the guest's address.
+
+Every function takes plain data (the API's dicts) and returns plain data, so it is tested without Proxmox.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import threading
+
+from ansible_collections.mlfleet.serving.plugins.module_utils._proxmox import ProxmoxError
+
+GIB = 1024**3
+_TAG_SEPARATORS = re.compile(r"[;, ]+")
+# How Proxmox words the two clone failures that are worth a retry.
+ALREADY_EXISTS = re.compile(r"already exists")
+LOCK_TIMEOUT = re.compile(r"can't lock file .* got timeout")
+
+
+class PoolError(ProxmoxError):
+    """The arguments cannot be carried out against the cluster as it is; the message says why and what to change."""
+
+
+def split_tags(value):
+    """Proxmox's tag list (``a;b``, also accepted with ``,`` or spaces), lowercased as Proxmox stores tags."""
+    return [tag.lower() for tag in _TAG_SEPARATORS.split(value or "") if tag]
+
+
+def join_tags(tags):
+    return ";".join(dict.fromkeys(tag.lower() for tag in tags))
+
+
+def is_member(resource, pool_tag, pool=None):
+    """Whether a /cluster/resources entry is a pool member: a VM, not a template, with the tag (and in the pool)."""
+    if resource.get("type") != "qemu" or int(resource.get("template") or 0):
+        return False
+    if pool is not None and resource.get("pool") != pool:
+        return False
+    return pool_tag.lower() in split_tags(resource.get("tags"))
+
+
+def find_template(resources, template):
+    """The template resource named by ``template``: all digits is a vmid, anything else a template name."""
+    templates = [entry for entry in resources if entry.get("type") == "qemu" and int(entry.get("template") or 0)]
+    if template.isdigit():
+        matches = [entry for entry in templates if int(entry["vmid"]) == int(template)]
+        if not matches:
+            vm = next((entry for entry in resources if entry.get("vmid") == int(template)), None)
+            if vm is not None:
+                raise PoolError(f"VM {template} ({vm.get('name')}) on {vm.get('node')} is not a template: convert it to a template or name another one")
+            raise PoolError(f"template {template} not found: no template has this vmid (templates: {_listing(templates)})")
+        return matches[0]
+    matches = [entry for entry in templates if entry.get("name") == template]
+    if len(matches) == 1:
+        return matches[0]
+    if not matches:
+        raise PoolError(f"template {template!r} not found among the cluster's templates ({_listing(templates)}): check the name or give its vmid")
+    raise PoolError(f"template name {template!r} is ambiguous, {len(matches)} templates carry it ({_listing(matches)}): give the vmid instead")
+
+
+def _listing(entries):
+    return ", ".join(f"{entry['vmid']} {entry.get('name', '')} on {entry.get('node')}".strip() for entry in entries) or "none visible to this user"
+
+
+def plan_placement(nodes, allowed, vm_memory, count, members_per_node=None):
+    """Nodes for ``count`` new VMs of ``vm_memory`` bytes: most free memory first, counting the VMs already
+    placed in this run, ties broken by fewer pool members, then by name.
+
+    ``nodes`` are /nodes entries (node, status, mem, maxmem). Returns [(node, reason)].
+    """
+    online = {entry["node"]: entry for entry in nodes if entry.get("status") == "online"}
+    if allowed:
+        missing = [name for name in allowed if name not in {entry["node"] for entry in nodes}]
+        if missing:
+            raise PoolError(
+                f"nodes {', '.join(missing)} not in the cluster (nodes: {', '.join(sorted(entry['node'] for entry in nodes))}): fix the nodes option"
+            )
+        candidates = [name for name in allowed if name in online]
+    else:
+        candidates = sorted(online)
+    if count and not candidates:
+        wanted = ", ".join(allowed) if allowed else "any node"
+        raise PoolError(f"no online node to place VMs on ({wanted}): bring a node online or widen the nodes option")
+    free = {name: int(online[name].get("maxmem", 0)) - int(online[name].get("mem", 0)) for name in candidates}
+    population = dict(members_per_node or {})
+    placed = []
+    for _placed in range(count):
+        node = min(candidates, key=lambda name: (-free[name], population.get(name, 0), name))
+        maxmem = int(online[node].get("maxmem", 0))
+        placed.append((node, f"{node}: most free memory ({free[node] / GIB:.1f} GiB of {maxmem / GIB:.1f} GiB)"))
+        free[node] -= vm_memory
+        population[node] = population.get(node, 0) + 1
+    return placed
+
+
+class IdAllocator:
+    """VM ids that are unique within the run: /cluster/nextid reserves nothing, so ids are handed out here,
+    from ``first`` upwards, skipping every id known to be taken. Safe to share between threads."""
+
+    def __init__(self, first, taken):
+        self._next = int(first)
+        self._taken = {int(vmid) for vmid in taken}
+        self._lock = threading.Lock()
+
+    def allocate(self):
+        with self._lock:
+            while self._next in self._taken:
+                self._next += 1
+            vmid = self._next
+            self._taken.add(vmid)
+            return vmid
+
+
+def static_ipconfig(address, prefix, gateway=None):
+    value = f"ip={address}/{prefix}"
+    return f"{value},gw={gateway}" if gateway else value
+
+
+def ipconfig_address(ipconfig):
+    """The IPv4 address of an ``ipconfigN`` value such as ``ip=192.0.2.5/24,gw=192.0.2.1``, or None (dhcp, none)."""
+    for part in (ipconfig or "").split(","):
+        key, _separator, value = part.partition("=")
+        if key.strip() == "ip" and value not in ("", "dhcp"):
+            try:
+                return str(ipaddress.ip_interface(value).ip)
+            except ValueError:
+                return None
+    return None
+
+
+def pick_addresses(ip_range, used, wanted):
+    """``wanted`` addresses of ``ip_range`` ({start, end, prefix}) that are not in ``used``, lowest first."""
+    try:
+        start, end = ipaddress.IPv4Address(ip_range["start"]), ipaddress.IPv4Address(ip_range["end"])
+        network = ipaddress.IPv4Interface(f"{start}/{ip_range['prefix']}").network
+    except ValueError as error:
+        raise PoolError(f"ip_range is not a valid IPv4 range ({error}): fix ip_range start, end and prefix") from None
+    if end < start:
+        raise PoolError(f"ip_range end {end} lies before its start {start}: swap them")
+    if end not in network:
+        raise PoolError(f"ip_range {start}-{end} does not fit in {network}: fix ip_range prefix or end")
+    taken = {ipaddress.IPv4Address(address) for address in used if address}
+    free = []
+    address = start
+    while address <= end and len(free) < wanted:
+        if address not in taken and address not in (network.network_address, network.broadcast_address):
+            free.append(str(address))
+        address += 1
+    if len(free) < wanted:
+        size = int(end) - int(start) + 1
+        in_range = sorted(str(item) for item in taken if start <= item <= end)
+        raise PoolError(
+            f"ip_range {start}-{end} has {size} addresses, {len(in_range)} used by members ({', '.join(in_range) or 'none'}); "
+            f"{wanted} new VMs need {wanted} free addresses but only {len(free)} are left: widen ip_range or lower count"
+        )
+    return free
+
+
+def choose_victims(members, count, policy="newest", remove_vmids=None, protected=None):
+    """The vmids to remove so that ``count`` members remain. Protected members are never chosen; explicit
+    ``remove_vmids`` (which must be members) come first, then ``policy`` (``newest``: highest vmid first,
+    ``oldest``: lowest first) picks the rest."""
+    protected = set(protected or [])
+    by_id = {int(member["vmid"]): member for member in members}
+    explicit = [int(vmid) for vmid in remove_vmids or [] if int(vmid) in by_id]
+    clash = sorted(set(explicit) & protected)
+    if clash:
+        raise PoolError(f"VMs {', '.join(map(str, clash))} are both in remove_vmids and protected: take them out of one of the two lists")
+    excess = max(0, len(by_id) - count)
+    if len(explicit) > excess:
+        raise PoolError(
+            f"remove_vmids names {len(explicit)} members ({', '.join(map(str, explicit))}) but going from {len(by_id)} to count {count} "
+            f"removes only {excess}: lower count to {len(by_id) - len(explicit)} or list fewer vmids"
+        )
+    victims = list(explicit)
+    candidates = sorted((vmid for vmid in by_id if vmid not in protected and vmid not in victims), reverse=policy == "newest")
+    victims += candidates[: excess - len(victims)]
+    return victims
+
+
+def guest_ipv4(interfaces, mac=None, configured=None):
+    """The VM's address from the agent's network-get-interfaces: the first IPv4 of the interface whose MAC is
+    ``mac`` (net0), else of the one holding the ``configured`` (ipconfig0) address, else of any non-loopback one."""
+
+    def ipv4s(interface):
+        return [
+            entry["ip-address"]
+            for entry in interface.get("ip-addresses") or []
+            if entry.get("ip-address-type") == "ipv4" and not ipaddress.IPv4Address(entry["ip-address"]).is_loopback
+        ]
+
+    usable = [interface for interface in interfaces or [] if interface.get("name") != "lo" and ipv4s(interface)]
+    if mac:
+        for interface in usable:
+            if str(interface.get("hardware-address", "")).lower() == mac.lower():
+                return ipv4s(interface)[0]
+    if configured:
+        for interface in usable:
+            if configured in ipv4s(interface):
+                return configured
+    return ipv4s(usable[0])[0] if usable else None
+
+
+def net_mac(net):
+    """The MAC address in a ``netN`` value such as ``virtio=BC:24:11:00:90:00,bridge=vmbr0``."""
+    for part in (net or "").split(","):
+        key, _separator, value = part.partition("=")
+        if re.fullmatch(r"([0-9A-Fa-f]{2}:){5}[0-9A-Fa-f]{2}", value) and key != "bridge":
+            return value
+    return None
+
+
+DISK_KEY = re.compile(r"^(scsi|virtio|sata|ide|efidisk|tpmstate)\d+$")
+
+
+def disk_storages(config):
+    """Storages holding a VM config's disks (not CD-ROMs or the cloud-init drive)."""
+    names = set()
+    for key, value in config.items():
+        if not DISK_KEY.match(key) or "media=cdrom" in str(value) or "cloudinit" in str(value):
+            continue
+        storage = str(value).split(":", 1)[0]
+        if storage and storage != "none":
+            names.add(storage)
+    return sorted(names)

@@ -1,0 +1,306 @@
+"""proxmox_vm_pool's main() in-process against the lab's Proxmox VE simulator (memory backend, millisecond tasks).
+
+The simulator validates every call against the real API schema and keeps a request log, so the tests
+assert on what the module sent, not only on what it returned.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+import time
+import urllib.parse
+
+import pytest
+import requests
+from ansible.module_utils import _internal as module_utils_internal
+from ansible.module_utils.testing import patch_module_args
+
+from ansible_collections.mlfleet.serving.plugins.modules import proxmox_vm_pool
+from lab.pvesim.config import DEFAULT_CONFIG
+from lab.pvesim.server import Simulator, running_in_thread
+
+FAST = {"clone_setup": 0.0, "clone_linked": 0.05, "clone_full": 0.02, "config": 0.0, "start": 0.01, "boot_to_agent": 0.05, "shutdown": 0.02, "stop": 0.01}
+FAST["destroy"] = 0.01
+ROOT_TOKEN = DEFAULT_CONFIG["users"]["root@pam"]["tokens"]["admin"]["secret"]
+AUTOMATION_TOKEN = DEFAULT_CONFIG["users"]["automation@pve"]["tokens"]["mlfleet"]["secret"]
+KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIBx9Jb0lfBbJ1ZkqvJ0nKk7bqJk9kE6G2v4D1QYkX0aZ deploy@mlfleet"
+WRITES = ("POST", "PUT", "DELETE")
+
+
+def start_simulator(tmp_path, limits=None, durations=None):
+    config = copy.deepcopy(DEFAULT_CONFIG)
+    config["durations"].update(FAST | (durations or {}))
+    config["limits"].update(limits or {})
+    return Simulator(config, tmp_path / "sim")
+
+
+@pytest.fixture
+def sim(tmp_path, request):
+    simulator = start_simulator(tmp_path, **getattr(request, "param", {}))
+    with running_in_thread(simulator) as url:
+        parts = urllib.parse.urlsplit(url)
+        yield {"host": parts.hostname, "port": parts.port, "ca": str(simulator.certificates.ca_file), "simulator": simulator, "url": url}
+
+
+def admin(sim, method, path, **kwargs):
+    headers = {"Authorization": f"Bearer {sim['simulator'].admin_token}"}
+    response = requests.request(method, f"{sim['url']}/_sim/{path}", headers=headers, verify=sim["ca"], timeout=10, **kwargs)
+    response.raise_for_status()
+    return response.json() if response.content else None
+
+
+def writes(sim):
+    return [entry for entry in admin(sim, "GET", "requests") if entry["method"] in WRITES and "/_sim/" not in entry["path"]]
+
+
+def api_get(sim, path, **params):
+    headers = {"Authorization": f"PVEAPIToken=root@pam!admin={ROOT_TOKEN}"}
+    response = requests.get(f"{sim['url']}/api2/json/{path}", params=params, headers=headers, verify=sim["ca"], timeout=10)
+    response.raise_for_status()
+    return response.json()["data"]
+
+
+def cluster_vms(sim):
+    return {vm["vmid"]: vm for vm in api_get(sim, "cluster/resources", type="vm")}
+
+
+def run(sim, check_mode=False, diff=False, **args):
+    connection = {"api_host": sim["host"], "api_port": sim["port"], "api_user": "automation@pve", "api_token_id": "mlfleet"}
+    connection |= {"api_token_secret": AUTOMATION_TOKEN, "ca_path": sim["ca"], "poll_interval": 0.01}
+    pool = {"pool_tag": "worker", "pool": "mlfleet", "template": "debian12-golden", "full": False, "ip_timeout": 10}
+    module_args = connection | pool | args
+    if check_mode:
+        module_args["_ansible_check_mode"] = True
+    if diff:
+        module_args["_ansible_diff"] = True
+    with patch_module_args(module_args):
+        with pytest.raises(SystemExit) as exited:
+            proxmox_vm_pool.main()
+    return exited.value.code
+
+
+@pytest.fixture
+def module(sim, capsys, monkeypatch):
+    # Controller code imported by other tests makes module warnings go to the display instead of the result.
+    monkeypatch.setattr(module_utils_internal, "is_controller", False)
+
+    def invoke(**args):
+        capsys.readouterr()
+        code = run(sim, **args)
+        result = json.loads(capsys.readouterr().out)
+        result["rc"] = code
+        return result
+
+    return invoke
+
+
+def members(result):
+    return [member["vmid"] for member in result["members"]]
+
+
+def test_create_rerun_grow_shrink_absent(sim, module):
+    created = module(count=3, ciuser="debian", sshkeys=[KEY], cores=2, memory=1024, extra_tags=["mlfleet"], nameserver="192.168.213.1")
+    assert created["rc"] == 0, created["msg"]
+    assert created["changed"] and len(created["created"]) == 3
+    assert sorted(vm["node"] for vm in created["created"]) == ["pve1", "pve2", "pve3"]
+    assert all(member["status"] == "running" and member["ip"].startswith("10.99.") for member in created["members"])
+    assert created["members"][0]["tags"] == ["worker", "mlfleet"]
+    assert "most free memory" in created["placement"][0]["reason"]
+    assert {entry["stage"] for entry in created["progress"]} >= {"cloned", "configured", "started"}
+    vms = cluster_vms(sim)
+    first = members(created)[0]
+    assert vms[first]["name"] == f"worker-{first}" and vms[first]["pool"] == "mlfleet"
+    config = api_get(sim, f"nodes/{vms[first]['node']}/qemu/{first}/config")
+    assert urllib.parse.unquote(config["sshkeys"]) == KEY
+    assert (config["cores"], config["memory"], config["ciuser"], config["nameserver"]) == (2, "1024", "debian", "192.168.213.1")
+    assert config["ipconfig0"] == "ip=dhcp" and config["tags"] == "worker;mlfleet"
+
+    admin(sim, "DELETE", "requests")
+    again = module(count=3, ciuser="debian", sshkeys=[KEY], cores=2, memory=1024, extra_tags=["mlfleet"], nameserver="192.168.213.1")
+    assert again["rc"] == 0 and not again["changed"]
+    assert members(again) == members(created) and again["created"] == [] and again["removed"] == []
+    assert writes(sim) == []
+
+    grown = module(count=5)
+    assert grown["changed"] and len(grown["created"]) == 2 and len(grown["members"]) == 5
+
+    protected = members(grown)[-1]
+    shrunk = module(count=2, protected=[protected])
+    assert shrunk["changed"] and len(shrunk["removed"]) == 3
+    assert protected in members(shrunk) and len(shrunk["members"]) == 2
+    assert shrunk["removed"] == sorted(set(members(grown)) - {protected}, reverse=True)[:3]
+    paths = [entry["path"] for entry in writes(sim) if entry["method"] == "POST" and entry["path"].endswith("/status/shutdown")]
+    assert len(paths) == 3 and all(f"/qemu/{protected}/" not in path for path in paths)
+
+    gone = module(state="absent", protected=[protected])
+    assert gone["changed"] and len(gone["removed"]) == 1 and members(gone) == [protected]
+    assert set(cluster_vms(sim)) == {9000, protected}
+
+
+def test_check_mode_plans_exactly_and_writes_nothing(sim, module):
+    assert module(count=1)["rc"] == 0
+    admin(sim, "DELETE", "requests")
+    ip_range = {"start": "192.168.213.50", "end": "192.168.213.60", "prefix": 24, "gateway": "192.168.213.1"}
+    plan = module(count=3, ip_range=ip_range, check_mode=True, diff=True, nodes=["pve2", "pve3"])
+    assert plan["rc"] == 0 and plan["changed"]
+    assert writes(sim) == []
+    planned = [vm["vmid"] for vm in plan["created"]]
+    assert [(vm["name"], vm["node"], vm["address"]) for vm in plan["created"]] == [
+        (f"worker-{planned[0]}", "pve2", "192.168.213.50"),
+        (f"worker-{planned[1]}", "pve3", "192.168.213.51"),
+    ]
+    existing = members(plan)
+    assert plan["diff"] == {"before": {"count": 1, "members": existing}, "after": {"count": 3, "members": existing + [vm["vmid"] for vm in plan["created"]]}}
+
+    shrink = module(count=0, check_mode=True, diff=True)
+    assert shrink["changed"] and shrink["removed"] == existing and shrink["diff"]["after"] == {"count": 0, "members": []}
+    assert writes(sim) == []
+
+    real = module(count=3, ip_range=ip_range, nodes=["pve2", "pve3"])
+    assert [(vm["node"], vm["address"], vm["ip"]) for vm in real["created"]] == [
+        ("pve2", "192.168.213.50", "192.168.213.50"),
+        ("pve3", "192.168.213.51", "192.168.213.51"),
+    ]
+
+
+@pytest.mark.parametrize("sim", [{"limits": {"parallel_clones_per_source": 1, "lock_wait": 0.05}}], indirect=True)
+def test_parallel_clones_retry_lock_timeouts_and_keep_ids_unique(sim, module):
+    result = module(count=5, parallel=5, clone_retries=12)
+    assert result["rc"] == 0, result["msg"]
+    assert len(set(members(result))) == 5
+    assert any(entry["stage"].startswith("template locked") for entry in result["progress"])
+    names = [vm["name"] for vm in cluster_vms(sim).values() if vm["vmid"] != 9000]
+    assert sorted(names) == sorted(f"worker-{vmid}" for vmid in members(result))
+
+
+def test_a_clone_racing_for_our_id_gets_another(sim, module, monkeypatch):
+    real_allocate = proxmox_vm_pool.IdAllocator.allocate
+    handed = []
+
+    def first_id_twice(self):
+        # Two planned VMs get the same id, as two runs reading /cluster/nextid at once would.
+        vmid = handed[0] if len(handed) == 1 else real_allocate(self)
+        handed.append(vmid)
+        return vmid
+
+    monkeypatch.setattr(proxmox_vm_pool.IdAllocator, "allocate", first_id_twice)
+    result = module(count=2, parallel=2)
+    assert result["rc"] == 0, result["msg"]
+    assert len(set(members(result))) == 2
+    assert any(entry["stage"] == "vmid taken, allocating another" for entry in result["progress"])
+
+
+def test_a_failed_clone_names_the_vm_and_a_rerun_converges_without_orphans(sim, module):
+    admin(sim, "PUT", "faults", json={"clone_failure": {"message": "storage migration failed", "count": 1}})
+    failed = module(count=3, parallel=1)
+    assert failed["rc"] == 1 and failed["failed"]
+    assert failed["msg"].startswith("clone of template 9000 to VM 100 (worker-100, target node pve1) on node pve1 failed: storage migration failed")
+    assert "last log line: TASK ERROR: storage migration failed" in failed["msg"]
+    tagged = [vm for vm in cluster_vms(sim).values() if "worker" in vm.get("tags", "")]
+    assert len(tagged) == 2 and all(vm["vmid"] != 100 for vm in tagged)
+
+    converged = module(count=3)
+    assert converged["rc"] == 0 and len(converged["members"]) == 3 and len(converged["created"]) == 1
+    assert all(vm.get("tags") == "worker" for vmid, vm in cluster_vms(sim).items() if vmid != 9000)
+
+
+def test_stopped_members_are_started_on_rerun(sim, module):
+    created = module(count=2, start=False, wait_for_ip=False)
+    assert {vm["status"] for vm in created["members"]} == {"stopped"}
+    started = module(count=2)
+    assert started["changed"] and started["created"] == []
+    assert all(vm["status"] == "running" and vm["ip"] for vm in started["members"])
+
+
+def test_agent_that_never_answers_fails_with_the_deadline(sim, module):
+    admin(sim, "PUT", "faults", json={"agent_never_up": "all"})
+    started = time.monotonic()
+    result = module(count=1, ip_timeout=1)
+    assert result["rc"] == 1 and time.monotonic() - started < 10
+    assert "reported no IPv4 address within ip_timeout 1s" in result["msg"] and "QEMU guest agent is not running" in result["msg"]
+    assert "was created and tagged" in result["msg"]
+
+
+def test_address_range_exhaustion_fails_before_any_write(sim, module):
+    admin(sim, "DELETE", "requests")
+    result = module(count=3, ip_range={"start": "192.168.213.50", "end": "192.168.213.51", "prefix": 24})
+    assert result["rc"] == 1
+    assert "ip_range 192.168.213.50-192.168.213.51 has 2 addresses" in result["msg"] and "widen ip_range or lower count" in result["msg"]
+    assert writes(sim) == []
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        ({"count": 1, "template": "no-such-template"}, r"template 'no-such-template' not found among the cluster's templates \(9000 debian12-golden on pve1\)"),
+        ({"count": 1, "template": "9001"}, r"template 9001 not found"),
+        ({"count": 1, "storage": "local-lvm"}, r"storage local-lvm applies to full clones only.*set full: true"),
+        ({"count": 0, "remove_vmids": [9000]}, r"remove_vmids: VM 9000 \(debian12-golden\) on pve1 is not a member of pool tag worker in pool mlfleet"),
+        ({"count": 1, "nodes": ["pve9"]}, r"nodes pve9 not in the cluster"),
+        ({"state": "present", "count": 1, "template": None}, r"state present needs count \(the pool size\) and template"),
+    ],
+)
+def test_bad_arguments_name_the_object_and_the_fix(sim, module, args, message):
+    admin(sim, "DELETE", "requests")
+    result = module(**args)
+    assert result["rc"] == 1 and re.search(message, result["msg"]), result["msg"]
+    assert writes(sim) == []
+
+
+def test_remove_vmids_and_protected_must_agree(sim, module):
+    created = module(count=3)
+    first, second, third = members(created)
+    clash = module(count=2, remove_vmids=[first], protected=[first])
+    assert clash["rc"] == 1 and f"VMs {first} are both in remove_vmids and protected" in clash["msg"]
+    too_many = module(count=2, remove_vmids=[first, second])
+    assert too_many["rc"] == 1 and "lower count to 1 or list fewer vmids" in too_many["msg"]
+    explicit = module(count=2, remove_vmids=[first])
+    assert explicit["removed"] == [first]
+    again = module(count=2, remove_vmids=[first])
+    assert again["rc"] == 0 and not again["changed"]
+
+
+def test_oldest_policy_and_protected_below_count(sim, module):
+    created = module(count=3)
+    oldest = module(count=2, scale_in_policy="oldest")
+    assert oldest["removed"] == [members(created)[0]]
+    kept = module(count=0, protected=members(oldest))
+    assert not kept["changed"] and "below the 2 protected members" in json.dumps(kept["warnings"])
+
+
+@pytest.mark.parametrize("sim", [{"durations": {"shutdown": 5.0}}], indirect=True)
+def test_a_member_that_does_not_shut_down_in_time_is_stopped_then_destroyed(sim, module):
+    created = module(count=1)
+    removed = module(count=0, shutdown_timeout=1)
+    assert removed["rc"] == 0 and removed["removed"] == members(created)
+    stages = [entry["stage"] for entry in removed["progress"]]
+    assert stages[0].startswith("shutdown failed") and "got timeout" in stages[0] and stages[1:] == ["stopped", "destroyed"]
+    sent = {(entry["method"], entry["path"].rsplit("/", 1)[-1]): entry["params"] for entry in writes(sim)}
+    assert {key: sent[("POST", "shutdown")][key] for key in ("timeout", "forceStop")} == {"timeout": "1", "forceStop": "0"}
+    assert {key: sent[("DELETE", "100")][key] for key in ("purge", "destroy-unreferenced-disks")} == {"purge": "1", "destroy-unreferenced-disks": "1"}
+    assert set(cluster_vms(sim)) == {9000}
+
+
+def test_full_clones_go_to_the_given_storage(sim, module):
+    result = module(count=1, full=True, storage="local-lvm", nodes=["pve1"])
+    assert result["rc"] == 0, result["msg"]
+    vmid = members(result)[0]
+    assert api_get(sim, f"nodes/pve1/qemu/{vmid}/config")["scsi0"].startswith(f"local-lvm:vm-{vmid}-disk-0")
+
+
+def test_clones_to_non_shared_storage_stay_on_the_templates_node_and_say_why(sim, module):
+    result = module(count=3, full=True, storage="local-lvm")
+    assert result["rc"] == 0, result["msg"]
+    assert {member["node"] for member in result["members"]} == {"pve1"}
+    assert all("cannot leave the template's node pve1" in entry["reason"] for entry in result["placement"]), result["placement"]
+
+
+def test_non_shared_storage_with_nodes_leaving_out_the_templates_node_fails_before_any_write(sim, module):
+    admin(sim, "DELETE", "requests")
+    result = module(count=1, full=True, storage="local-lvm", nodes=["pve2"])
+    assert result["rc"] == 1
+    assert "clones to local-lvm (not shared storage) cannot leave the template's node pve1" in result["msg"]
+    assert "choose a shared storage or allow node pve1" in result["msg"]
+    assert writes(sim) == []
