@@ -8,9 +8,9 @@ the same process: a pool of 1, then a pool of COUNT under another tag, each from
 running with an address. Prints the durations and limits used, both wall times and their ratio; a serial
 loop would be about COUNT times slower, the target is 1.5.
 
-The simulator lets only `limits.parallel_clones_per_source` clones of one template run at once (default 2,
-as a Proxmox template's lock allows few); the others wait `lock_wait` seconds and fail, and the module
-retries them. --clone-slots raises that limit to show what the module does when the cluster allows more.
+By default the simulator locks as Proxmox does (qemu-server's clone_vm takes a shared lock on a stopped
+source, so clones of a template run together). --clone-slots N caps clones of one template at N, as lock
+contention would: the others wait `lock_wait` seconds and fail, and the module retries them.
 """
 
 from __future__ import annotations

@@ -62,8 +62,10 @@ DEFAULT_CONFIG: dict = {
         "template": 0.5,
         "snapshot": 0.5,
     },
-    # Clones of one source VM hold its config lock; more at once than this wait up to `lock_wait` seconds, then fail.
-    "limits": {"parallel_clones_per_source": 2, "lock_wait": 10.0},
+    # As qemu-server's clone_vm: a clone holds a shared lock on a stopped source (every template) and an exclusive
+    # one on a running source. A number here caps clones of one source at once, to simulate contention; clones
+    # beyond the cap wait up to `lock_wait` seconds, then fail.
+    "limits": {"parallel_clones_per_source": None, "lock_wait": 10.0},
     "users": {
         "root@pam": {"password": "pvesim-root", "tokens": {"admin": {"secret": "5f0c7c4e-8a4d-4a8e-9f51-0c5e7d0a1b01", "privsep": False}}},
         "automation@pve": {

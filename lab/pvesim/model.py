@@ -378,7 +378,16 @@ class Cluster:
         self.mark_dirty()
 
     async def _take_clone_slot(self, vmid: int) -> None:
-        limit = int(self.limits["parallel_clones_per_source"])
+        limit = self.limits.get("parallel_clones_per_source")
+        if limit is None:
+            source = self.vms.get(vmid)
+            limit = 1 if source is not None and source.status == "running" else None
+        if limit is None:
+            # A shared lock: clones of a stopped source do not wait for each other.
+            async with self._clone_slot_freed:
+                self._clones_of[vmid] = self._clones_of.get(vmid, 0) + 1
+            return
+        limit = int(limit)
         async with self._clone_slot_freed:
             try:
                 await asyncio.wait_for(self._clone_slot_freed.wait_for(lambda: self._clones_of.get(vmid, 0) < limit), timeout=self.limits["lock_wait"])
