@@ -51,50 +51,30 @@ def _vmid(value: str) -> None:
         raise FormatError("value does not look like a valid VM ID")
 
 
-def _node(value: str) -> None:
-    if not _HOSTNAME.match(value):
-        raise FormatError("value does not look like a valid node name")
+def _matching(pattern: re.Pattern, message: str):
+    """A format check: the value must match `pattern`, else FormatError(message with {value} filled in)."""
+
+    def check(value: str) -> None:
+        if not pattern.match(value):
+            raise FormatError(message.format(value=value))
+
+    return check
 
 
-def _dns_name(value: str) -> None:
-    if not _DNS_NAME.match(value):
-        raise FormatError("value does not look like a valid DNS name")
+_node = _matching(_HOSTNAME, "value does not look like a valid node name")
+_dns_name = _matching(_DNS_NAME, "value does not look like a valid DNS name")
+_pool_id = _matching(_POOL_ID, "invalid pool ID '{value}'")
+_storage_id = _matching(_STORAGE_ID, "storage ID '{value}' contains illegal characters")
+_config_id = _matching(_CONFIG_ID, "invalid configuration ID '{value}'")
+_realm = _matching(_REALM, "value '{value}' does not look like a valid realm")
+_bridge = _matching(_BRIDGE, "invalid bridge ID '{value}'")
+_urlencoded = _matching(_URLENCODED, "invalid urlencoded string: {value}")
 
 
 def _tag_list(value: str) -> None:
     for tag in split_list(value):
         if not _TAG.match(tag):
             raise FormatError(f"invalid tag '{tag}'")
-
-
-def _pool_id(value: str) -> None:
-    if not _POOL_ID.match(value):
-        raise FormatError(f"invalid pool ID '{value}'")
-
-
-def _storage_id(value: str) -> None:
-    if not _STORAGE_ID.match(value):
-        raise FormatError(f"storage ID '{value}' contains illegal characters")
-
-
-def _config_id(value: str) -> None:
-    if not _CONFIG_ID.match(value):
-        raise FormatError(f"invalid configuration ID '{value}'")
-
-
-def _realm(value: str) -> None:
-    if not _REALM.match(value):
-        raise FormatError(f"value '{value}' does not look like a valid realm")
-
-
-def _bridge(value: str) -> None:
-    if not _BRIDGE.match(value):
-        raise FormatError(f"invalid bridge ID '{value}'")
-
-
-def _urlencoded(value: str) -> None:
-    if not _URLENCODED.match(value):
-        raise FormatError(f"invalid urlencoded string: {value}")
 
 
 def _ip_address(value: str) -> None:
