@@ -178,6 +178,12 @@ stop_daemon() {
 # The settings other programs (the Proxmox simulator) need, one a line.
 lab_settings() { printf '%s\n' "$LAB_NAME" "$LAB_NETWORK" "$LAB_SUBNET"; }
 
+# subnet_host N: address N of the lab's /24 subnet.
+subnet_host() {
+    local network=${LAB_SUBNET%/*}
+    echo "${network%.*}.$1"
+}
+
 node_ip() {
     docker inspect -f "{{ (index .NetworkSettings.Networks \"$LAB_NETWORK\").IPAddress }}" "$1"
 }

@@ -5,7 +5,8 @@
 # it. Re-running lab up converges: what exists is kept.
 #
 #   MLFLEET_LAB_NODES=0        plain node containers to start besides, for tests
-#                              of the lab itself (not needed by site.yml)
+#                              and molecule scenarios (not needed by site.yml);
+#                              node N gets the address <subnet>.(200+N)
 #   MLFLEET_LAB_NODE_CPUS=1    CPU budget of each node (docker --cpus)
 #   MLFLEET_LAB_NODE_MEMORY=2g memory budget of each node
 #   MLFLEET_LAB_INVENTORY      where to write the plain nodes' inventory
@@ -17,6 +18,7 @@ set -euo pipefail
 require_root "lab up"
 
 nodes=${MLFLEET_LAB_NODES:-0}
+[[ "$nodes" =~ ^[0-9]+$ && "$nodes" -le 50 ]] || die "MLFLEET_LAB_NODES=$nodes: give 0 to 50 plain nodes"
 node_cpus=${MLFLEET_LAB_NODE_CPUS:-1}
 node_memory=${MLFLEET_LAB_NODE_MEMORY:-2g}
 inventory=${MLFLEET_LAB_INVENTORY:-$REPO_ROOT/inventories/lab/lab_nodes.yml}
@@ -47,7 +49,8 @@ for i in $(seq 1 "$nodes"); do
     names+=("$name")
     if [ -z "$(docker ps -aq --filter "name=^${name}\$")" ]; then
         log "starting node $name (cpus=$node_cpus memory=$node_memory)"
-        lab_start_node "$name" "$name" "$node_cpus" "$node_memory" "$(cat "$LAB_STATE/ssh/id_ed25519.pub")"
+        lab_start_node "$name" "$name" "$node_cpus" "$node_memory" "$(cat "$LAB_STATE/ssh/id_ed25519.pub")" \
+            --ip "$(subnet_host $((200 + i)))"
     elif [ "$(docker inspect -f '{{.State.Running}}' "$name")" != true ]; then
         docker start "$name" >/dev/null
     fi

@@ -12,4 +12,6 @@ fi
 . "$VENV/bin/activate"
 export ANSIBLE_COLLECTIONS_PATH="$COLLECTIONS_ROOT"
 export PIP_CONSTRAINT="$REPO_ROOT/constraints.txt"
+# The molecule scenarios find the shared create/destroy playbooks and lab scripts here.
+export MLFLEET_REPO="$REPO_ROOT"
 cd "$REPO_ROOT" || exit 1

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import requests
 import yaml
-from lab_support import REPO_ROOT, run
+from lab_support import REPO_ROOT, node_docker, run, wait_for
 
 from lab.pvesim.config import DEFAULT_CONFIG
 
@@ -82,21 +82,6 @@ def pushed_probe(lab):
     """The probe image, built (cached) and pushed to the lab registry; nodes pull it from there."""
     run([REPO_ROOT / "lab" / "images" / "build.sh", "probe"], timeout=900)
     return run([REPO_ROOT / "lab" / "registry.sh", "push", "mlfleet-lab/probe:latest", "lab/probe"], env=lab["env"]).stdout.strip()
-
-
-def node_docker(node, *args, check=True, timeout=300):
-    return run(["docker", "exec", node, "docker", *args], check=check, timeout=timeout)
-
-
-def wait_for(what, predicate, timeout=120, interval=1.0):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
 
 
 def container_ids(env) -> list[str]:

@@ -86,7 +86,8 @@ def test_site_provisions_vms_through_proxmox_and_reaches_them(site):
     assert len(hosts) == 3, result.stdout
     for host, counters in hosts.items():
         assert re.search(r"\bunreachable=0\b.*\bfailed=0\b", counters), (host, counters)
-    assert result.stdout.count("Docker Engine 20.10") == 3
+    swarm = re.findall(r"swarm \w+: (\S+) is a ready (manager|worker)\s+\(active\),\s+VM\s+(\d+)", result.stdout)
+    assert sorted(role for _hostname, role, _vmid in swarm) == ["manager", "worker", "worker"], result.stdout
     assert re.search(r"\bchanged=[1-9]", recap(result.stdout)["localhost"]), "the first run must create the VMs"
 
     graph = run(["ansible-inventory", "-i", site["inventory"], "--list"], env=site["env"])
@@ -97,6 +98,8 @@ def test_site_provisions_vms_through_proxmox_and_reaches_them(site):
     hostvars = inventory["_meta"]["hostvars"]
     addresses = sorted(hostvars[h]["ansible_host"]["__ansible_unsafe"] for h in inventory["swarm_managers"]["hosts"] + inventory["swarm_workers"]["hosts"])
     assert addresses == [f"{SUBNET_PREFIX}.10", f"{SUBNET_PREFIX}.20", f"{SUBNET_PREFIX}.21"]
+    # Every swarm node carries the vmid of the VM the inventory plugin found.
+    assert sorted(int(vmid) for _hostname, _role, vmid in swarm) == sorted(hostvars[h]["proxmox_vmid"] for h in hostvars)
 
     vm_containers = run(["docker", "ps", "-q", "--filter", "label=io.mlfleet.lab.vmid"]).stdout.split()
     assert len(vm_containers) >= 3
