@@ -18,6 +18,8 @@ import pytest
 import yaml
 from lab_support import REPO_ROOT, node_docker, run, wait_for
 
+from lab.environment import lab_environment
+
 LAB_NAME = "mlfleet-swarmtest"
 PREFIX = "192.168.217"
 PVE_PORT = 18009
@@ -41,16 +43,7 @@ def lab(tmp_path_factory):
         pytest.fail("the lab tests need root; run them through ./scripts/test as root")
     work = tmp_path_factory.mktemp("swarm")
     state = work / "state"
-    env = {
-        "MLFLEET_LAB_NAME": LAB_NAME,
-        "MLFLEET_LAB_STATE": str(state),
-        "MLFLEET_LAB_SUBNET": f"{PREFIX}.0/24",
-        "MLFLEET_LAB_GATEWAY": f"{PREFIX}.1",
-        "MLFLEET_LAB_PVE_PORT": str(PVE_PORT),
-        "MLFLEET_LAB_NODES": str(NODE_COUNT),
-        "MLFLEET_LAB_NODE_MEMORY": "1g",
-        "MLFLEET_LAB_INVENTORY": str(work / "lab_nodes.yml"),
-    }
+    env = lab_environment(LAB_NAME, PREFIX, PVE_PORT, work, nodes=NODE_COUNT, node_memory="1g")
     try:
         run([REPO_ROOT / "lab" / "up.sh"], env=env, timeout=900)
         run([REPO_ROOT / "lab" / "images" / "build.sh", "probe"], timeout=900)
