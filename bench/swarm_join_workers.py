@@ -37,7 +37,9 @@ COUNTS = (1, 3, 6)
 
 
 def run(args, env=None, check=True, timeout=900):
-    result = subprocess.run([str(a) for a in args], env={**os.environ, **(env or {})}, cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout)
+    result = subprocess.run(
+        [str(a) for a in args], env={**os.environ, **(env or {})}, cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout, check=False
+    )
     if check and result.returncode != 0:
         sys.exit(f"{' '.join(map(str, args))} exited {result.returncode}:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
     return result
@@ -108,7 +110,7 @@ def main():
         for count in COUNTS:
             write_inventory(inventory, state, WORKERS[:count])
             walls = []
-            for _ in range(options.repeats):
+            for _run in range(options.repeats):
                 reset_workers()
                 wall, _output = timed_play(inventory, join_play, options.forks)
                 ready = [line for line in node_docker(MANAGER, "node", "ls", "--format", "{{.Hostname}} {{.Status}}").stdout.splitlines() if "Ready" in line]
