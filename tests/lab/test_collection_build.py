@@ -22,7 +22,7 @@ DOCUMENTED_PLUGIN_TYPES = {
 # that build_ignore in galaxy.yml must leave out.
 PRODUCT_TOP_LEVEL = {
     "MANIFEST.json", "FILES.json", "README.md", "COPYING", "requirements.txt", "site.yml",
-    "meta", "playbooks", "plugins", "roles", "extensions", "changelogs", "inventories", "docs",
+    "meta", "playbooks", "plugins", "roles", "extensions", "changelogs", "inventories", "docs", "models",
 }  # fmt: skip
 
 

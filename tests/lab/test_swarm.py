@@ -277,3 +277,85 @@ def test_three_managers_survive_the_loss_of_one(lab):
     finally:
         run(["docker", "start", lost])
     wait_for(f"{lost} back as a reachable manager", lambda: swarm_nodes()[lost]["reachability"] == "reachable", timeout=120)
+
+
+def swarm_service_playbook(lab, name, **options):
+    """A play that runs mlfleet.serving.swarm_service against the first manager from the control host."""
+    task = {
+        "mlfleet.serving.swarm_service": {
+            "docker_host": f"ssh://root@{address(MANAGER)}",
+            "ssh_private_key_file": str(lab["state"] / "ssh" / "id_ed25519"),
+            "ssh_args": "-o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -o LogLevel=ERROR",
+            "name": name,
+            **options,
+        },
+        "register": "service",
+    }
+    tasks = [task, {"ansible.builtin.debug": {"var": "service"}}]
+    path = lab["work"] / f"swarm_service_{name}.yml"
+    path.write_text(yaml.safe_dump([{"name": "swarm_service", "hosts": "localhost", "connection": "local", "gather_facts": False, "tasks": tasks}]))
+    return path
+
+
+def service_spec(name):
+    return json.loads(node_docker(MANAGER, "service", "inspect", name).stdout)[0]
+
+
+def task_ids(name):
+    return set(node_docker(MANAGER, "service", "ps", name, "-q", "--filter", "desired-state=running").stdout.split())
+
+
+def test_swarm_service_converges_rotates_files_and_cleans_up(lab):
+    secret_value = "token-3f9a1c7e5b2d4860"
+    options = {
+        "image": lab["image"], "replicas": 2, "networks": ["mlfleet"], "endpoint_mode": "dnsrr", "env": {"GREETING": "hello"},
+        "constraints": ["node.role==worker"], "spread": ["node.id"], "limit_cpus": 0.25, "reserve_cpus": 0.1, "limit_memory": "128M",
+        "configs": [{"target": "/etc/probe.conf", "content": "greeting=hello\n"}],
+        "secrets": [{"target": "probe-token", "content": secret_value}],
+        "healthcheck": {"test": ["CMD", "python3", "-c", "print(1)"], "interval": "5s", "timeout": "3s"},
+        "update_config": {"order": "start-first", "failure_action": "rollback"}, "stop_grace_period": "3s",
+    }  # fmt: skip
+    inventory = lab["work"] / "inventory.yml"
+    created = playbook(inventory, swarm_service_playbook(lab, "echo", **options))
+    assert "created service echo" in created.stdout and "running_tasks: 2" in created.stdout
+    spec = service_spec("echo")["Spec"]
+    assert spec["TaskTemplate"]["Resources"]["Limits"]["MemoryBytes"] == 128 * 1024**2
+    assert spec["TaskTemplate"]["Placement"]["Constraints"] == ["node.role==worker"]
+    first_tasks = task_ids("echo")
+
+    again = playbook(inventory, swarm_service_playbook(lab, "echo", **options))
+    assert recap(again.stdout)["localhost"]["changed"] == "0" and task_ids("echo") == first_tasks
+
+    # Another replica count set by hand (as the autoscaler would) survives keep_replicas.
+    node_docker(MANAGER, "service", "scale", "--detach", "echo=3")
+    kept = playbook(inventory, swarm_service_playbook(lab, "echo", keep_replicas=True, **options))
+    assert recap(kept.stdout)["localhost"]["changed"] == "0" and service_spec("echo")["Spec"]["Mode"]["Replicated"]["Replicas"] == 3
+
+    options |= {
+        "configs": [{"target": "/etc/probe.conf", "content": "greeting=bonjour\n"}],
+        "secrets": [{"target": "probe-token", "content": secret_value + "-2"}],
+    }
+    rotated = playbook(inventory, swarm_service_playbook(lab, "echo", **options))
+    assert "updated service echo" in rotated.stdout and "removed unused config" in rotated.stdout and "removed unused secret" in rotated.stdout
+    assert service_spec("echo")["Spec"]["Mode"]["Replicated"]["Replicas"] == 2
+    configs = node_docker(MANAGER, "config", "ls", "--format", "{{.Name}}").stdout.split()
+    assert len([c for c in configs if c.startswith("echo_")]) == 1
+    task = next(iter(task_ids("echo")))
+    container = json.loads(node_docker(MANAGER, "inspect", task).stdout)[0]["Status"]["ContainerStatus"]["ContainerID"]
+    node = json.loads(node_docker(MANAGER, "inspect", task).stdout)[0]["NodeID"]
+    host = json.loads(node_docker(MANAGER, "node", "inspect", node).stdout)[0]["Description"]["Hostname"]
+    assert node_docker(host, "exec", container, "cat", "/etc/probe.conf").stdout == "greeting=bonjour\n"
+    assert node_docker(host, "exec", container, "cat", "/run/secrets/probe-token").stdout == secret_value + "-2"
+    for output in (created, again, kept, rotated):
+        assert secret_value not in output.stdout + output.stderr, "a secret's content must never be printed"
+    secret_labels = node_docker(MANAGER, "secret", "ls", "--format", "{{.Name}} {{.Labels}}").stdout
+    assert secret_value not in secret_labels and "pbkdf2-sha256:200000:" in secret_labels
+
+    removed = playbook(inventory, swarm_service_playbook(lab, "echo", state="absent"))
+    assert "removed service echo" in removed.stdout
+    assert "echo" not in node_docker(MANAGER, "service", "ls", "--format", "{{.Name}}").stdout.split()
+    leftovers = (
+        node_docker(MANAGER, "secret", "ls", "--format", "{{.Name}}").stdout.split()
+        + node_docker(MANAGER, "config", "ls", "--format", "{{.Name}}").stdout.split()
+    )
+    assert [n for n in leftovers if n.startswith("echo_")] == []

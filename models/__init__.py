@@ -1,0 +1,1 @@
+"""Reference image classifiers and their TorchServe packaging."""
