@@ -576,6 +576,7 @@ class SwarmService:
             return self.absent(current)
         if not self.params["image"]:
             raise SwarmError(f"Service {self.params['name']}: image is required with state=present")
+        self.validate()
         objects = self.ensure_objects()
         desired = self.desired_spec(objects, current)
         result = {"service_id": current["ID"] if current else None}
@@ -611,6 +612,20 @@ class SwarmService:
         if not self.check_mode:
             self.prune_objects(objects)
         return result
+
+    def validate(self):
+        """Check what needs no Swarm object, so bad input fails before any config or secret is created."""
+        p = self.params
+        self.network_ids()
+        duration_ns(p["stop_grace_period"], "stop_grace_period")
+        for option in ("interval", "timeout", "start_period"):
+            if p["healthcheck"]:
+                duration_ns(p["healthcheck"][option], f"healthcheck.{option}")
+        for option in ("limit_memory", "reserve_memory"):
+            if p[option]:
+                size_bytes(p[option], option)
+        self.rollout(p["update_config"], "update_config")
+        self.rollout(p["rollback_config"], "rollback_config")
 
     def absent(self, current):
         if current is not None:
