@@ -6,6 +6,10 @@ its Content-Type (see preprocessing.py). Request headers:
 - ``X-Top-K``: how many classes to return, 1 to 20 (default 5).
 - ``X-Return-Logits: true``: also return the 1000 raw logits under ``logits``.
 
+Every answer names who served it in the response headers ``X-MLfleet-Task`` (``MLFLEET_TASK``, else the
+host name) and ``X-MLfleet-Node`` (``MLFLEET_NODE``, when set); the torchserve role sets both from Swarm's
+templates, so a client behind the edge proxy sees which task on which node answered.
+
 A success is HTTP 200 with ``{"model", "version", "top_k": [{"class", "label", "score"}], "logits"?}``;
 ``score`` is the softmax probability.
 
@@ -23,6 +27,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
 import warnings
 from http import HTTPStatus
 
@@ -47,6 +52,14 @@ def threads_from_env(environ: dict[str, str]) -> int:
     if not value.isdigit() or int(value) < 1:
         raise ValueError(f"OMP_NUM_THREADS={value!r} is not a positive integer; set it to the cores per worker")
     return int(value)
+
+
+def served_by_headers(environ) -> dict[str, str]:
+    """The response headers that name the task and node serving the answers."""
+    headers = {"X-MLfleet-Task": environ.get("MLFLEET_TASK") or socket.gethostname()}
+    if environ.get("MLFLEET_NODE"):
+        headers["X-MLfleet-Node"] = environ["MLFLEET_NODE"]
+    return headers
 
 
 def load_labels(path: str) -> list[str]:
@@ -90,6 +103,7 @@ class ImageClassifierHandler:
         self.labels: list[str] = []
         self.model_name = ""
         self.version = ""
+        self.served_by: dict[str, str] = {}
         self.initialized = False
 
     def initialize(self, context) -> None:
@@ -104,6 +118,7 @@ class ImageClassifierHandler:
         self.labels = load_labels(os.path.join(model_dir, LABELS_FILE))
         self.model_name = context.model_name
         self.version = manifest.get("modelVersion", "")
+        self.served_by = served_by_headers(os.environ)
         self.initialized = True
         logger.info("%s %s loaded with %d classes, %d intra-op threads", self.model_name, self.version, len(self.labels), threads)
 
@@ -113,6 +128,8 @@ class ImageClassifierHandler:
         inputs: list[torch.Tensor] = []
         for idx, row in enumerate(data):
             context.set_response_content_type(idx, "application/json")
+            for name, value in self.served_by.items():
+                context.set_response_header(idx, name, value)
             headers = request_headers(context, idx)
             try:
                 options = (top_k_from(headers), return_logits_from(headers))

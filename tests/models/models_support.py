@@ -225,6 +225,11 @@ def stop(process: subprocess.Popen, env: dict[str, str], root: Path) -> None:
             process.wait(timeout=30)
 
 
+# What the test server's answers must name as the task and node that served them.
+SERVED_BY_TASK = "resnet18.1.testtask"
+SERVED_BY_NODE = "test-node"
+
+
 @contextmanager
 def torchserve(root: Path, store: Path, models: list[str], batch_size: int = 4, max_batch_delay_ms: int = 50, ready_timeout: float = 300) -> Iterator[Server]:
     """A TorchServe on 127.0.0.1 free ports serving store/<model>.mar, one worker and one thread each; stopped on exit.
@@ -244,6 +249,8 @@ def torchserve(root: Path, store: Path, models: list[str], batch_size: int = 4, 
         "LOG_LOCATION": str(logs),
         "METRICS_LOCATION": str(logs),
         "OMP_NUM_THREADS": "1",
+        "MLFLEET_TASK": SERVED_BY_TASK,
+        "MLFLEET_NODE": SERVED_BY_NODE,
     }
     console = root / "console.log"
     started = time.monotonic()
@@ -275,6 +282,7 @@ class FakeContext:
         self.headers = headers
         self.statuses: dict[int, tuple[int, str]] = {}
         self.content_types: dict[int, str] = {}
+        self.response_headers: dict[int, dict[str, str]] = {}
 
     def get_all_request_header(self, idx: int) -> dict[str, str]:
         return self.headers[idx]
@@ -284,3 +292,6 @@ class FakeContext:
 
     def set_response_content_type(self, idx: int, value: str) -> None:
         self.content_types[idx] = value
+
+    def set_response_header(self, idx: int, name: str, value: str) -> None:
+        self.response_headers.setdefault(idx, {})[name] = value

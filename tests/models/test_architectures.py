@@ -6,6 +6,7 @@ import io
 import json
 import math
 import re
+import socket
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +18,7 @@ from torch import nn
 
 from models.architectures import build_model
 from models.build import LABELS, build, main, state_dict_sha256, trace
-from models.handler import ImageClassifierHandler
+from models.handler import ImageClassifierHandler, served_by_headers
 from models.preprocessing import IMAGENET_MEAN, IMAGENET_STD, InputError, body_to_tensor
 
 # torchvision.models.resnet18() / densenet161() parameter counts.
@@ -233,3 +234,18 @@ def test_handler_answers_each_request_of_a_batch(model_dir: Path, monkeypatch) -
         "label": f"class-{int(expected.argmax())}",
         "score": pytest.approx(torch.softmax(expected, 0).max().item(), abs=1e-6),
     }
+
+
+def test_handler_names_the_serving_task_and_node_on_every_answer(model_dir: Path, monkeypatch) -> None:
+    monkeypatch.setenv("MLFLEET_TASK", "resnet18.2.abc")
+    monkeypatch.setenv("MLFLEET_NODE", "lab-worker-7")
+    headers = [{"Content-Type": "application/x-npy"}, {"Content-Type": "text/plain"}]
+    context = FakeContext(model_dir, "resnet18.pt", headers)
+    handler = ImageClassifierHandler()
+    handler.initialize(context)
+    handler.handle([{"body": npy_bytes(npy_array(8))}, {"body": b"x"}], context)
+    # Errors name their server too: a client behind the proxy can tell which task refused it.
+    assert context.response_headers == dict.fromkeys(range(2), {"X-MLfleet-Task": "resnet18.2.abc", "X-MLfleet-Node": "lab-worker-7"})
+    monkeypatch.delenv("MLFLEET_TASK")
+    monkeypatch.delenv("MLFLEET_NODE")
+    assert served_by_headers({}) == {"X-MLfleet-Task": socket.gethostname()}

@@ -18,6 +18,8 @@ import requests
 import torch
 from models_support import (
     LOGIT_TOLERANCE,
+    SERVED_BY_NODE,
+    SERVED_BY_TASK,
     Body,
     Server,
     distinct_bodies,
@@ -201,6 +203,14 @@ def test_bad_header_is_a_client_error(server: Server) -> None:
     )
     assert answer.status_code == 400
     assert "X-Top-K='21'" in json.loads(answer.text)["error"]
+
+
+def test_answers_name_the_task_and_node_that_served_them(server: Server) -> None:
+    body = npy_body(13)
+    for model in MODELS:
+        answer = requests.post(f"{server.inference}/predictions/{model}", data=body.data, headers={"Content-Type": body.content_type}, timeout=REQUEST_TIMEOUT)
+        assert answer.status_code == 200
+        assert (answer.headers.get("X-MLfleet-Task"), answer.headers.get("X-MLfleet-Node")) == (SERVED_BY_TASK, SERVED_BY_NODE)
 
 
 def test_prometheus_metrics_count_inferences(server: Server, served: dict[str, list[dict]]) -> None:
