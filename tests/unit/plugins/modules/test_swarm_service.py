@@ -100,7 +100,7 @@ class ServiceEngine(Engine):
         if "name" in filters:
             found = [o for o in found if filters["name"] in o["Spec"]["Name"]]
         if "label" in filters:
-            key, _, value = filters["label"].partition("=")
+            key, _separator, value = filters["label"].partition("=")
             found = [o for o in found if key in o["Spec"]["Labels"] and (not value or o["Spec"]["Labels"][key] == value)]
         # The API never returns a secret's data.
         return [{k: v for k, v in o.items() if k != "Data"} if kind == "secret" else o for o in found]
@@ -318,7 +318,7 @@ def test_a_config_is_named_by_its_content_reused_and_replaced(lab, swarm, servic
 
     changed = service(configs=[{"target": "/etc/echo.conf", "content": new}])
     assert changed["rc"] == 0, changed.get("msg")
-    assert [(op, name) for op, name, *_ in lab.writes] == [
+    assert [tuple(write[:2]) for write in lab.writes] == [
         ("create_config", config_name(new)),
         ("update_service", "echo"),
         ("remove_config", config_name(old)),
@@ -368,7 +368,7 @@ def test_absent_removes_the_service_and_its_objects_then_is_unchanged(lab, swarm
     removed = service(state="absent", diff=True)
     assert removed["rc"] == 0, removed.get("msg")
     assert removed["changed"] and removed["service_id"] is None
-    assert [(op, name) for op, name, *_ in lab.writes] == [
+    assert [tuple(write[:2]) for write in lab.writes] == [
         ("remove_service", "echo"),
         ("remove_config", config_name("x = 1\n")),
         ("remove_secret", lab.writes[2][1]),
