@@ -854,7 +854,10 @@ class SwarmService:
                 raise SwarmError(f"Service {self.params['name']}: the update did not converge ({update.get('State')}): {update.get('Message')}")
             tasks = self.endpoint.call("Listing tasks", self.client.tasks, filters={"service": service_id, "desired-state": "running"})
             version = service["Version"]["Index"]
-            running = [t for t in tasks if t["Status"]["State"] == "running"]
+            # The update status may still describe the previous update right after this one was sent, so a task
+            # counts only when it runs the service's current container spec.
+            wanted = prune(service["Spec"]["TaskTemplate"].get("ContainerSpec"))
+            running = [t for t in tasks if t["Status"]["State"] == "running" and prune((t.get("Spec") or {}).get("ContainerSpec")) == wanted]
             settled = update.get("State") in (None, "completed")
             if settled and (replicas is None or len(running) >= replicas) and len(running) == len(tasks):
                 return len(running)

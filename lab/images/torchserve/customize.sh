@@ -15,11 +15,13 @@ mkdir -p "$ROOTFS/tmp/wheels"
 ls "$ROOTFS"/tmp/wheels/torch-2.13.0*.whl >/dev/null 2>&1 || { echo "customize: no torch 2.13.0 wheel downloaded" >&2; exit 1; }
 cp "$here/requirements.txt" "$ROOTFS/tmp/wheels/requirements.txt"
 
-chroot "$ROOTFS" python3 -m venv /opt/torchserve
-chroot "$ROOTFS" /opt/torchserve/bin/pip install --quiet --no-index --find-links /tmp/wheels -r /tmp/wheels/requirements.txt
-chroot "$ROOTFS" /opt/torchserve/bin/python -c 'import torch, ts, yaml, PIL, numpy; print("torch", torch.__version__)' >&2
+# The chroot gets a clean environment: the host's PIP_* settings name host paths.
+in_rootfs() { env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root LANG=C.UTF-8 chroot "$ROOTFS" "$@"; }
+in_rootfs python3 -m venv /opt/torchserve
+in_rootfs /opt/torchserve/bin/pip install --quiet --no-index --find-links /tmp/wheels -r /tmp/wheels/requirements.txt
+in_rootfs /opt/torchserve/bin/python -c 'import torch, ts, yaml, PIL, numpy; print("torch", torch.__version__)' >&2
 
-chroot "$ROOTFS" useradd --create-home --uid 1000 --shell /bin/bash model-server
+in_rootfs useradd --create-home --uid 1000 --shell /bin/bash model-server
 install -d -o 1000 -g 1000 "$ROOTFS/home/model-server/model-store" "$ROOTFS/home/model-server/tmp" "$ROOTFS/home/model-server/logs"
 # A default configuration, as the official image has; the torchserve role mounts its own.
 cat > "$ROOTFS/home/model-server/config.properties" <<'PROPERTIES'
