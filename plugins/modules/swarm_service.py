@@ -576,9 +576,9 @@ class SwarmService:
             return self.absent(current)
         if not self.params["image"]:
             raise SwarmError(f"Service {self.params['name']}: image is required with state=present")
-        self.validate()
+        parsed = self.parse_options()
         objects = self.ensure_objects()
-        desired = self.desired_spec(objects, current)
+        desired = self.desired_spec(objects, current, parsed)
         result = {"service_id": current["ID"] if current else None}
         if current is None:
             self.actions.append(f"created service {self.params['name']}")
@@ -613,19 +613,27 @@ class SwarmService:
             self.prune_objects(objects)
         return result
 
-    def validate(self):
-        """Check what needs no Swarm object, so bad input fails before any config or secret is created."""
+    def parse_options(self):
+        """The options that need API values of their own (ids, nanoseconds, bytes). Parsed before any config or
+        secret is created, so bad input fails first."""
         p = self.params
-        self.network_ids()
-        duration_ns(p["stop_grace_period"], "stop_grace_period")
-        for option in ("interval", "timeout", "start_period"):
-            if p["healthcheck"]:
-                duration_ns(p["healthcheck"][option], f"healthcheck.{option}")
-        for option in ("limit_memory", "reserve_memory"):
-            if p[option]:
-                size_bytes(p[option], option)
-        self.rollout(p["update_config"], "update_config")
-        self.rollout(p["rollback_config"], "rollback_config")
+        check = p["healthcheck"]
+        return {
+            "networks": self.network_ids(),
+            "stop_grace_period": duration_ns(p["stop_grace_period"], "stop_grace_period"),
+            "healthcheck": check
+            and {
+                "Test": check["test"],
+                "Interval": duration_ns(check["interval"], "healthcheck.interval"),
+                "Timeout": duration_ns(check["timeout"], "healthcheck.timeout"),
+                "Retries": check["retries"],
+                "StartPeriod": duration_ns(check["start_period"], "healthcheck.start_period"),
+            },
+            "limit_memory": size_bytes(p["limit_memory"], "limit_memory") if p["limit_memory"] else None,
+            "reserve_memory": size_bytes(p["reserve_memory"], "reserve_memory") if p["reserve_memory"] else None,
+            "update_config": self.rollout(p["update_config"], "update_config"),
+            "rollback_config": self.rollout(p["rollback_config"], "rollback_config"),
+        }
 
     def absent(self, current):
         if current is not None:
@@ -725,7 +733,7 @@ class SwarmService:
             ids.append(found[0]["Id"])
         return ids
 
-    def desired_spec(self, objects, current):
+    def desired_spec(self, objects, current, parsed):
         p = self.params
         container = {
             "Image": p["image"],
@@ -738,26 +746,19 @@ class SwarmService:
             "Mounts": [{"Type": m["type"], "Source": m["source"], "Target": m["target"], "ReadOnly": m["read_only"]} for m in p["mounts"]],
             "Configs": self.file_references("config", objects),
             "Secrets": self.file_references("secret", objects),
-            "StopGracePeriod": duration_ns(p["stop_grace_period"], "stop_grace_period"),
+            "StopGracePeriod": parsed["stop_grace_period"],
             "Init": p["init"],
         }
-        if p["healthcheck"]:
-            check = p["healthcheck"]
-            container["Healthcheck"] = {
-                "Test": check["test"],
-                "Interval": duration_ns(check["interval"], "healthcheck.interval"),
-                "Timeout": duration_ns(check["timeout"], "healthcheck.timeout"),
-                "Retries": check["retries"],
-                "StartPeriod": duration_ns(check["start_period"], "healthcheck.start_period"),
-            }
+        if parsed["healthcheck"]:
+            container["Healthcheck"] = parsed["healthcheck"]
         resources = {
             "Limits": {
                 "NanoCPUs": int(p["limit_cpus"] * 1e9) if p["limit_cpus"] else None,
-                "MemoryBytes": size_bytes(p["limit_memory"], "limit_memory") if p["limit_memory"] else None,
+                "MemoryBytes": parsed["limit_memory"],
             },
             "Reservations": {
                 "NanoCPUs": int(p["reserve_cpus"] * 1e9) if p["reserve_cpus"] else None,
-                "MemoryBytes": size_bytes(p["reserve_memory"], "reserve_memory") if p["reserve_memory"] else None,
+                "MemoryBytes": parsed["reserve_memory"],
             },
         }
         placement = {
@@ -770,7 +771,7 @@ class SwarmService:
             "Resources": resources,
             "RestartPolicy": {"Condition": p["restart_condition"]},
             "Placement": placement,
-            "Networks": [{"Target": network_id} for network_id in self.network_ids()],
+            "Networks": [{"Target": network_id} for network_id in parsed["networks"]],
         }
         if current is not None:
             # Keep the stored counter: a different value forces every task to restart.
@@ -787,8 +788,8 @@ class SwarmService:
             "Labels": {k: str(v) for k, v in p["labels"].items()},
             "TaskTemplate": task_template,
             "Mode": mode,
-            "UpdateConfig": self.rollout(p["update_config"], "update_config"),
-            "RollbackConfig": self.rollout(p["rollback_config"], "rollback_config"),
+            "UpdateConfig": parsed["update_config"],
+            "RollbackConfig": parsed["rollback_config"],
             "EndpointSpec": {
                 "Mode": p["endpoint_mode"],
                 "Ports": [
