@@ -11,6 +11,11 @@
 #   MLFLEET_LAB_NODE_MEMORY=2g memory budget of each node
 #   MLFLEET_LAB_INVENTORY      where to write the plain nodes' inventory
 #                              (default: inventories/lab/lab_nodes.yml)
+#   MLFLEET_LAB_SERVING=0      1: also publish what site.yml serves with: the
+#                              TorchServe and HAProxy images in the lab registry
+#                              (lab/torchserve, lab/haproxy) and the reference
+#                              models in <state>/models (python -m models.build,
+#                              with the python on PATH)
 # See lab/lib.sh for the names, subnet and paths (all MLFLEET_LAB_* overridable).
 set -euo pipefail
 # shellcheck source=lib.sh
@@ -21,6 +26,7 @@ nodes=${MLFLEET_LAB_NODES:-0}
 [[ "$nodes" =~ ^[0-9]+$ && "$nodes" -le 50 ]] || die "MLFLEET_LAB_NODES=$nodes: give 0 to 50 plain nodes"
 node_cpus=${MLFLEET_LAB_NODE_CPUS:-1}
 node_memory=${MLFLEET_LAB_NODE_MEMORY:-2g}
+serving=${MLFLEET_LAB_SERVING:-0}
 inventory=${MLFLEET_LAB_INVENTORY:-$REPO_ROOT/inventories/lab/lab_nodes.yml}
 started=$SECONDS
 
@@ -43,13 +49,27 @@ fi
 
 "$LAB_ROOT/pvesim.sh" start
 
+if [ "$serving" = 1 ]; then
+    for image in torchserve haproxy; do
+        "$LAB_ROOT/images/build.sh" "$image" >/dev/null
+        "$LAB_ROOT/registry.sh" push "mlfleet-lab/$image:latest" "lab/$image" >/dev/null
+    done
+    models="$LAB_STATE/models"
+    if [ ! -s "$models/resnet18.mar" ] || [ ! -s "$models/densenet161.mar" ]; then
+        log "building the reference models into $models"
+        (cd "$REPO_ROOT" && python3 -m models.build --out "$models" >&2) ||
+            die "could not build the reference models: run through scripts/site, whose virtualenv has torch"
+    fi
+fi
+
+authorized_keys=$(cat "$LAB_STATE/ssh/id_ed25519.pub")
 names=()
 for i in $(seq 1 "$nodes"); do
     name="$LAB_NAME-node-$i"
     names+=("$name")
     if [ -z "$(docker ps -aq --filter "name=^${name}\$")" ]; then
         log "starting node $name (cpus=$node_cpus memory=$node_memory)"
-        lab_start_node "$name" "$name" "$node_cpus" "$node_memory" "$(cat "$LAB_STATE/ssh/id_ed25519.pub")" \
+        lab_start_node "$name" "$name" "$node_cpus" "$node_memory" "$authorized_keys" \
             --ip "$(subnet_host $((200 + i)))"
     elif [ "$(docker inspect -f '{{.State.Running}}' "$name")" != true ]; then
         docker start "$name" >/dev/null

@@ -19,6 +19,7 @@ import sys
 import tempfile
 import time
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -80,14 +81,15 @@ def save_torchscript(module: torch.jit.ScriptModule, path: Path) -> None:
         torch.jit.save(module, str(path))
 
 
-def archive(name: str, version: str, torchscript: Path, staging: Path, out: Path) -> Path:
+def archive(name: str, version: str, torchscript: Path, staging: Path, out: Path, labels: Mapping[str, str]) -> Path:
     """DIR/<name>.mar made by torch-model-archiver's CLI in a child process.
 
-    The archiver stages files in $TMPDIR/<model name> and deletes that directory first, so it gets a
-    private TMPDIR: two builds (or anyone's /tmp/resnet18) must not wipe each other.
+    `labels` ({"0": name, ...}) becomes the index_to_name.json the handler reads; it must already cover
+    the model's class indices 0..N-1. The archiver stages files in $TMPDIR/<model name> and deletes that
+    directory first, so it gets a private TMPDIR: two builds (or anyone's /tmp/resnet18) must not wipe each other.
     """
-    labels = staging / "index_to_name.json"
-    labels.write_text(json.dumps(LABELS, indent=0) + "\n", encoding="utf-8")
+    labels_file = staging / "index_to_name.json"
+    labels_file.write_text(json.dumps(dict(labels), indent=0) + "\n", encoding="utf-8")
     archiver_tmp = staging / "archiver-tmp"
     archiver_tmp.mkdir()
     command = [
@@ -103,7 +105,7 @@ def archive(name: str, version: str, torchscript: Path, staging: Path, out: Path
         "--handler",
         str(MODELS_DIR / "handler.py"),
         "--extra-files",
-        f"{MODELS_DIR / 'preprocessing.py'},{labels}",
+        f"{MODELS_DIR / 'preprocessing.py'},{labels_file}",
         "--export-path",
         str(out),
         "--force",
@@ -133,7 +135,7 @@ def build_one(name: str, seed: int, version: str, out: Path, torchscript_only: b
         saved = state_dict_sha256(load_torchscript(torchscript))
         if saved != weights:
             raise RuntimeError(f"{name}: TorchScript file {torchscript} holds other weights than the model ({saved[:12]} vs {weights[:12]})")
-        artifact = torchscript if torchscript_only else archive(name, version, torchscript, staging, out)
+        artifact = torchscript if torchscript_only else archive(name, version, torchscript, staging, out, LABELS)
     (out / f"{name}.sha256-of-weights").write_text(f"{weights}\n", encoding="ascii")
     return BuildResult(name, artifact, weights, trace_diff, time.monotonic() - started)
 

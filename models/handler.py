@@ -4,7 +4,7 @@ One request is one image: the raw body is JPEG, PNG or a .npy float32 [3, 224, 2
 its Content-Type (see preprocessing.py). Request headers:
 
 - ``X-Top-K``: how many classes to return, 1 to 20 (default 5).
-- ``X-Return-Logits: true``: also return the 1000 raw logits under ``logits``.
+- ``X-Return-Logits: true``: also return the raw logits (one per class) under ``logits``.
 
 Every answer names who served it in the response headers ``X-MLfleet-Task`` (``MLFLEET_TASK``, else the
 host name) and ``X-MLfleet-Node`` (``MLFLEET_NODE``, when set); the torchserve role sets both from Swarm's
@@ -147,7 +147,8 @@ class ImageClassifierHandler:
             logits = self.model(torch.stack(inputs))
         scores = torch.softmax(logits, dim=1)
         for (idx, top_k, return_logits), row_logits, row_scores in zip(accepted, logits, scores, strict=True):
-            best = torch.topk(row_scores, top_k)
+            # A model with fewer classes than asked for answers all of them, best first.
+            best = torch.topk(row_scores, min(top_k, row_scores.numel()))
             result = {
                 "model": self.model_name,
                 "version": self.version,

@@ -294,9 +294,14 @@ options:
     type: dict
     suboptions: *rollout
   stop_grace_period:
-    description: Time a task gets to stop after SIGTERM before it is killed.
+    description: Time a task gets to stop after its stop signal before it is killed.
     type: str
     default: 10s
+  stop_signal:
+    description:
+      - Signal that asks a task to stop, for example V(SIGUSR1) for HAProxy's soft stop, which finishes the
+        requests in flight. Unset, the image's own stop signal (or C(SIGTERM)) applies.
+    type: str
   restart_condition:
     description: When Swarm restarts a task.
     type: str
@@ -488,6 +493,7 @@ def argument_spec():
         update_config=dict(type="dict", options=rollout_options()),
         rollback_config=dict(type="dict", options=rollout_options()),
         stop_grace_period=dict(type="str", default="10s"),
+        stop_signal=dict(type="str"),
         restart_condition=dict(type="str", choices=["none", "on-failure", "any"], default="any"),
         init=dict(type="bool"),
         wait=dict(type="bool", default=True),
@@ -618,6 +624,8 @@ class SwarmService:
         secret is created, so bad input fails first."""
         p = self.params
         check = p["healthcheck"]
+        if p["stop_signal"] and not re.fullmatch(r"SIG[A-Z0-9+-]+|[0-9]+", p["stop_signal"]):
+            raise SwarmError(f"stop_signal={p['stop_signal']!r} is not a signal; write it like SIGTERM or SIGUSR1")
         return {
             "networks": self.network_ids(),
             "stop_grace_period": duration_ns(p["stop_grace_period"], "stop_grace_period"),
@@ -747,6 +755,7 @@ class SwarmService:
             "Configs": self.file_references("config", objects),
             "Secrets": self.file_references("secret", objects),
             "StopGracePeriod": parsed["stop_grace_period"],
+            "StopSignal": p["stop_signal"],
             "Init": p["init"],
         }
         if parsed["healthcheck"]:
@@ -848,6 +857,9 @@ class SwarmService:
 
     def wait_converged(self, service_id, replicas):
         deadline = time.monotonic() + self.params["wait_timeout"]
+        # A task that fails at start runs for a moment: converged counts only when two polls a second apart
+        # see the same tasks running.
+        previously_running = None
         while True:
             service = self.endpoint.call(f"Reading service {self.params['name']}", self.client.inspect_service, service_id)
             update = service.get("UpdateStatus") or {}
@@ -860,8 +872,15 @@ class SwarmService:
             wanted = prune(service["Spec"]["TaskTemplate"].get("ContainerSpec"))
             running = [t for t in tasks if t["Status"]["State"] == "running" and prune((t.get("Spec") or {}).get("ContainerSpec")) == wanted]
             settled = update.get("State") in (None, "completed")
-            if settled and (replicas is None or len(running) >= replicas) and len(running) == len(tasks):
-                return len(running)
+            # A global service has no count to reach, but right after its creation it has no task yet either.
+            enough = len(running) >= replicas if replicas is not None else bool(running)
+            running_ids = sorted(t["ID"] for t in running)
+            if settled and enough and len(running) == len(tasks):
+                if running_ids == previously_running:
+                    return len(running)
+                previously_running = running_ids
+            else:
+                previously_running = None
             if time.monotonic() > deadline:
                 states = sorted({f"{t['Status']['State']}: {t['Status'].get('Err') or t['Status'].get('Message', '')}" for t in tasks})
                 rollout = f"update {update.get('State')}: {update.get('Message')}" if update else "no update in progress"

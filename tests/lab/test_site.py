@@ -1,18 +1,30 @@
 """The main job on the lab, as the README's lab command runs it: site.yml provisions the manager and
 worker VMs through the lab's Proxmox simulator (docker backend), the mlfleet.serving.proxmox inventory
-plugin reads them back, and Ansible reaches every VM over SSH as its cloud-init user.
+plugin reads them back, Ansible reaches every VM over SSH as its cloud-init user, forms the swarm,
+and serves both reference models with TorchServe behind the HAProxy edge proxy.
 
 Its own lab (name, subnet, simulator port, state directory) with no plain nodes: every host here
-came through the Proxmox API.
+came through the Proxmox API. The serving tests then scale, roll out a new model version and kill
+a replica under a light bounded load, counting every failed request.
 """
 
+import json
 import os
 import re
+import socket
+import sys
+import time
+import zipfile
+from pathlib import Path
 
 import pytest
 import requests
 import yaml
-from lab_support import REPO_ROOT, run
+from lab_support import REPO_ROOT, run, wait_for
+from serving_load import Endpoint, Load
+
+sys.path.insert(0, str(REPO_ROOT / "tests" / "models"))
+from models_support import distinct_bodies, jpeg_body, max_abs_diff, reference_logits  # noqa: E402
 
 from lab.pvesim.config import DEFAULT_CONFIG
 
@@ -34,6 +46,8 @@ def site(tmp_path_factory):
         "MLFLEET_LAB_GATEWAY": f"{SUBNET_PREFIX}.1",
         "MLFLEET_LAB_PVE_PORT": str(PVE_PORT),
         "MLFLEET_LAB_NODES": "0",
+        # As scripts/site: the lab also publishes the serving images and builds the reference models.
+        "MLFLEET_LAB_SERVING": "1",
     }
     # The lab inventory as inventories/lab/ has it, pointed at this lab's simulator and subnet.
     inventory = work / "inventory"
@@ -49,21 +63,29 @@ def site(tmp_path_factory):
             {
                 "mlfleet_managers": {"count": 1, "cores": 1, "memory": 1024,
                                      "ip_range": {"start": f"{SUBNET_PREFIX}.10", "end": f"{SUBNET_PREFIX}.12", "prefix": 24, "gateway": gateway}},
-                "mlfleet_workers": {"count": 2, "cores": 1, "memory": 1024,
+                "mlfleet_workers": {"count": 2, "cores": 2, "memory": 6144,
                                     "ip_range": {"start": f"{SUBNET_PREFIX}.20", "end": f"{SUBNET_PREFIX}.59", "prefix": 24, "gateway": gateway}},
                 "mlfleet_nameserver": gateway,
             }
         )
     )  # fmt: skip
     try:
-        run([REPO_ROOT / "lab" / "up.sh"], env=env, timeout=900)
+        run([REPO_ROOT / "lab" / "up.sh"], env=env, timeout=1800)
         yield {"env": env, "inventory": inventory, "overrides": overrides, "state": state}
     finally:
         run([REPO_ROOT / "lab" / "down.sh"], env=env, check=False)
 
 
 def site_yml(site):
-    return run(["ansible-playbook", "-i", site["inventory"], "-e", f"@{site['overrides']}", "site.yml"], env=site["env"], timeout=900)
+    return run(["ansible-playbook", "-i", site["inventory"], "-e", f"@{site['overrides']}", "site.yml"], env=site["env"], timeout=1200)
+
+
+def serve_yml(site, **extra_vars):
+    """playbooks/serve.yml as a user re-runs it with changed variables (extra vars as JSON)."""
+    return run(
+        ["ansible-playbook", "-i", site["inventory"], "-e", f"@{site['overrides']}", "-e", json.dumps(extra_vars), "playbooks/serve.yml"],
+        env=site["env"], timeout=900,
+    )  # fmt: skip
 
 
 def simulator_requests(site, method="GET"):
@@ -104,6 +126,17 @@ def test_site_provisions_vms_through_proxmox_and_reaches_them(site):
     vm_containers = run(["docker", "ps", "-q", "--filter", "label=io.mlfleet.lab.vmid"]).stdout.split()
     assert len(vm_containers) >= 3
 
+    # Both models answered through the proxy, and the user got a curl line that holds no token.
+    flat = " ".join(result.stdout.split())  # the default callback folds long messages
+    for model in ("resnet18", "densenet161"):
+        answered = rf"{model} answered through https://{SUBNET_PREFIX}\.10:443: top class \d+ .* from task {model}\.\d\.\w+ on node \S+"
+        assert re.search(answered, flat), result.stdout
+    edge = edge_endpoint(site)
+    curl = re.search(r"curl --cacert (\S+) -H \"Authorization: Bearer \$\(cat (\S+)\)\".*?(https://\S+/predictions/resnet18)", flat)
+    assert curl and curl.group(1) == edge.ca_file and curl.group(3) == f"{edge.url}/predictions/resnet18", result.stdout
+    assert (site["state"] / "edge-proxy" / "inference.token").read_text().strip() == edge.token
+    assert edge.token not in result.stdout + result.stderr
+
 
 def test_site_again_changes_nothing_and_writes_nothing_to_proxmox(site):
     simulator_requests(site, "DELETE")
@@ -120,3 +153,185 @@ def test_lab_credentials_are_the_simulators_published_lab_ones():
     token = DEFAULT_CONFIG["users"]["automation@pve"]["tokens"]["mlfleet"]["secret"]
     assert lab_vars["mlfleet_proxmox"]["api_token_secret"] == token
     assert yaml.safe_load((REPO_ROOT / "inventories" / "lab" / "proxmox.yml").read_text())["api_token_secret"] == token
+
+
+# Serving: both models through the edge proxy, then scale, roll out and kill under a light bounded load.
+
+MANAGER = f"{SUBNET_PREFIX}.10"
+WORKERS = (f"{SUBNET_PREFIX}.20", f"{SUBNET_PREFIX}.21")
+LAB_SERVING = yaml.safe_load((REPO_ROOT / "inventories" / "lab" / "group_vars" / "all.yml").read_text())["mlfleet_serving"]
+
+
+def edge_endpoint(site, token_file="inference.token"):
+    edge_state = site["state"] / "edge-proxy"
+    return Endpoint(f"https://{MANAGER}:443", (edge_state / token_file).read_text().strip(), str(edge_state / "tls.crt"))
+
+
+def ask(endpoint, model, body, headers=None, token=None):
+    headers = {"Content-Type": body.content_type, **(headers or {})}
+    if token is not False:
+        headers["Authorization"] = f"Bearer {token or endpoint.token}"
+    return requests.post(f"{endpoint.url}/predictions/{model}", data=body.data, headers=headers, verify=endpoint.ca_file, timeout=120)
+
+
+def stats_rows(site, backend):
+    stats = edge_endpoint(site, "stats.token")
+    response = requests.get(f"https://{MANAGER}:8404/stats;csv", headers={"Authorization": f"Bearer {stats.token}"}, verify=stats.ca_file, timeout=10)
+    response.raise_for_status()
+    header, *rows = response.text.lstrip("# ").splitlines()
+    names = header.split(",")
+    return [dict(zip(names, row.split(","), strict=False)) for row in rows if row.startswith(f"{backend},task")]
+
+
+def servers_up(site, backend):
+    return [row for row in stats_rows(site, backend) if row["status"] == "UP"]
+
+
+def vm_container(address):
+    for container in run(["docker", "ps", "-q", "--filter", "label=io.mlfleet.lab.vmid"]).stdout.split():
+        addresses = run(["docker", "inspect", "-f", "{{range .NetworkSettings.Networks}}{{.IPAddress}} {{end}}", container]).stdout.split()
+        if address in addresses:
+            return container
+    raise AssertionError(f"no lab VM container has the address {address}")
+
+
+def service_replicas(site, service, replicas):
+    return [{**entry, "replicas": replicas} if entry["service"] == service else entry for entry in LAB_SERVING]
+
+
+def torchscript_of(mar, name, destination):
+    with zipfile.ZipFile(mar) as archive:
+        return archive.extract(f"{name}.pt", destination)
+
+
+@pytest.mark.parametrize(("model", "count"), [("resnet18", 9), ("densenet161", 3)])
+def test_answers_through_the_proxy_equal_the_reference_model(site, tmp_path, model, count):
+    bodies = distinct_bodies()[:count] if count == 9 else [distinct_bodies()[i] for i in (0, 3, 6)]
+    reference = reference_logits(Path(torchscript_of(site["state"] / "models" / f"{model}.mar", model, tmp_path)), bodies)
+    endpoint = edge_endpoint(site)
+    served, tasks = [], set()
+    for body in bodies:
+        response = ask(endpoint, model, body, {"X-Return-Logits": "true"})
+        assert response.status_code == 200, response.text
+        served.append(response.json()["logits"])
+        tasks.add(response.headers["X-MLfleet-Task"])
+        assert response.headers["X-MLfleet-Upstream"].startswith("task")
+    assert max_abs_diff(served, reference) <= 1e-4
+    # The inputs differ, so must the answers; and the proxy spreads them over the replicas.
+    assert len({tuple(round(v, 3) for v in row[:20]) for row in served}) == len(bodies)
+    replicas = next(entry["replicas"] for entry in LAB_SERVING if entry["service"] == model)
+    assert len(tasks) == min(replicas, len(bodies)), tasks
+
+
+def test_the_proxy_refuses_requests_without_a_valid_token(site):
+    endpoint = edge_endpoint(site)
+    stats = edge_endpoint(site, "stats.token")
+    body = jpeg_body(0)
+    for token, why in ((False, "no token"), ("x" * 43, "a wrong token"), (stats.token, "the stats token"), (endpoint.token[:-1], "a truncated token")):
+        response = ask(endpoint, "resnet18", body, token=token)
+        assert response.status_code == 401, why
+        assert response.headers["WWW-Authenticate"].startswith("Bearer")
+    basic = requests.post(f"{endpoint.url}/predictions/resnet18", data=body.data, auth=("user", endpoint.token), verify=endpoint.ca_file, timeout=30)
+    assert basic.status_code == 401
+    # The stats page takes only the stats token.
+    refused = requests.get(f"https://{MANAGER}:8404/stats;csv", headers={"Authorization": f"Bearer {endpoint.token}"}, verify=stats.ca_file, timeout=10)
+    assert refused.status_code == 401
+    assert len(servers_up(site, "resnet18")) == 2
+    # Plain HTTP on the TLS port gets no inference either.
+    with pytest.raises(requests.RequestException):
+        requests.post(f"http://{MANAGER}:443/predictions/resnet18", data=body.data, timeout=10)
+
+
+def torchserve_answers(address, port):
+    """Whether TorchServe itself answers there: this machine's network answers any outside TCP connection,
+    so a connection alone proves nothing for overlay addresses; TorchServe's own answers do."""
+    path = {8080: "/ping", 8081: "/models", 8082: "/metrics"}[port]
+    try:
+        response = requests.get(f"http://{address}:{port}{path}", timeout=3)
+    except requests.RequestException:
+        return False
+    return response.status_code == 200 and any(mark in response.text for mark in ('"Healthy"', '"models"', "ts_inference_requests_total"))
+
+
+def test_the_replicas_are_not_reachable_from_the_control_host(site):
+    task_addresses = [row["addr"].split(":")[0] for backend in ("resnet18", "densenet161") for row in servers_up(site, backend)]
+    assert len(task_addresses) == 3 and all(address.startswith("10.") for address in task_addresses), task_addresses
+    answering = [f"{address}:{port}" for address in (MANAGER, *WORKERS, *task_addresses) for port in (8080, 8081, 8082) if torchserve_answers(address, port)]
+    assert answering == []
+    # The nodes are on the lab bridge, where a refused connection is a real one: nothing listens on them.
+    listening = []
+    for address in (MANAGER, *WORKERS):
+        for port in (8080, 8081, 8082, 7070, 7071):
+            with socket.socket() as probe:
+                probe.settimeout(2)
+                if probe.connect_ex((address, port)) == 0:
+                    listening.append(f"{address}:{port}")
+    assert listening == []
+    # The proxy's port is open, which shows the probes above could connect at all.
+    with socket.create_connection((MANAGER, 443), timeout=5):
+        pass
+
+
+def test_scale_2_to_4_replicas_and_back_under_load(site):
+    endpoint = edge_endpoint(site)
+    body = jpeg_body(1)
+    with Load(endpoint, "resnet18", body.data, body.content_type, clients=2, max_requests=3000, max_seconds=600) as load:
+        load.wait_for(lambda answers: len(answers) >= 10, 60, "the first answers")
+        serve_yml(site, mlfleet_serving=service_replicas(site, "resnet18", 4), torchserve_keep_replicas=False)
+        wait_for("4 resnet18 tasks up in the proxy", lambda: len(servers_up(site, "resnet18")) == 4, timeout=120)
+        load.wait_for(lambda answers: len({a.task for a in answers if a.task.startswith("resnet18.")}) >= 4, 120, "answers from 4 tasks")
+        serve_yml(site, mlfleet_serving=service_replicas(site, "resnet18", 2), torchserve_keep_replicas=False)
+        wait_for("2 resnet18 tasks up in the proxy", lambda: len(servers_up(site, "resnet18")) == 2, timeout=120)
+        settled = len(load.answers)
+        load.wait_for(lambda answers: len(answers) >= settled + 20, 60, "answers after the scale-in")
+    print(f"\nscale 2 -> 4 -> 2 under load: {load.summary()}")
+    assert load.failures() == [], load.summary()
+
+
+def test_a_new_model_version_rolls_out_with_no_failed_request(site, tmp_path):
+    run([sys.executable, "-m", "models.build", "--out", tmp_path, "--models", "resnet18", "--seed", "1", "--version", "2.0"], timeout=600)
+    models = yaml.safe_load((REPO_ROOT / "inventories" / "lab" / "group_vars" / "all.yml").read_text())["mlfleet_models"]
+    new_file = {"resnet18": tmp_path / "resnet18.mar", "densenet161": site["state"] / "models" / "densenet161.mar"}
+    models = [{**m, "file": str(new_file[m["name"]])} for m in models]
+    endpoint = edge_endpoint(site)
+    body = jpeg_body(2)
+    with Load(endpoint, "resnet18", body.data, body.content_type, clients=2, max_requests=3000, max_seconds=600) as load:
+        load.wait_for(lambda answers: len(answers) >= 10, 60, "the first answers")
+        serve_yml(site, mlfleet_models=models)
+        load.wait_for(lambda answers: [a.version for a in answers[-10:]] == ["2.0"] * 10, 120, "only version 2.0 answering")
+    versions = [a.version for a in load.answers if a.status == 200]
+    print(f"\nrollout 1.0 -> 2.0 under load: {load.summary()}; {versions.count('1.0')} answers from 1.0, {versions.count('2.0')} from 2.0")
+    assert versions[0] == "1.0"
+    assert load.failures() == [], load.summary()
+    # The new version is the one the seed-1 build made, and the stores keep only it.
+    reference = reference_logits(Path(torchscript_of(tmp_path / "resnet18.mar", "resnet18", tmp_path / "ref")), [body])
+    served = ask(endpoint, "resnet18", body, {"X-Return-Logits": "true"}).json()
+    assert served["version"] == "2.0" and max_abs_diff([served["logits"]], reference) <= 1e-4
+    for worker in WORKERS:
+        stored = run(["docker", "exec", vm_container(worker), "ls", "/var/lib/mlfleet/model-store"]).stdout.split()
+        assert len([name for name in stored if name.startswith("resnet18-")]) == 1, stored
+
+
+def test_a_replica_killed_under_load_is_counted_and_replaced(site):
+    endpoint = edge_endpoint(site)
+    body = jpeg_body(3)
+    # After the scale-in and the rollout, Swarm may have left both replicas on one worker.
+    replicas = {}
+    for address in WORKERS:
+        worker = vm_container(address)
+        replicas[worker] = run(["docker", "exec", worker, "docker", "ps", "-q", "--filter", "label=com.docker.swarm.service.name=resnet18"]).stdout.split()
+    worker, victims = next((worker, found) for worker, found in replicas.items() if found)
+    with Load(endpoint, "resnet18", body.data, body.content_type, clients=4, max_requests=4000, max_seconds=600) as load:
+        before = load.wait_for(lambda answers: len({a.task for a in answers if a.task}) >= 2, 60, "answers from both replicas")
+        tasks_before = {a.task for a in before if a.task}
+        run(["docker", "exec", worker, "docker", "kill", victims[0]])
+        killed_at = time.monotonic()
+        # Swarm replaces the task; the answer of a task that did not exist before shows the replacement serving.
+        after = load.wait_for(lambda answers: any(a.task and a.task not in tasks_before for a in answers), 180, "an answer from the replacement task")
+        recovered = min(a.started + a.seconds for a in after if a.task and a.task not in tasks_before) - killed_at
+        answered = len(after)
+        load.wait_for(lambda answers: len(answers) >= answered + 40, 120, "answers after the replacement")
+    failed = load.failures()
+    print(f"\nreplica killed under load (4 clients): {load.summary()}; the replacement answered {recovered:.1f} s after the kill")
+    assert len(failed) <= 0.01 * len(load.answers), load.summary()
+    assert len(servers_up(site, "resnet18")) == 2

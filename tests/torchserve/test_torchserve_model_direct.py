@@ -374,6 +374,11 @@ def test_model_api_disabled_refuses_registration_but_scaling_works(capsys, tmp_p
 
         scaled = run_module(capsys, management_url=closed.management_url, name="tiny", min_workers=2)
         assert scaled["rc"] == 0 and scaled["changed"], scaled.get("msg")
+        # The scale request returns before the new worker has loaded the model; a worker that a busy machine
+        # restarts passes through UNLOADING. Both must be READY within a minute.
+        deadline = time.monotonic() + 60
+        while workers(closed.describe()) != (2, 2, ["READY", "READY"]) and time.monotonic() < deadline:
+            time.sleep(1)
         assert workers(closed.describe()) == (2, 2, ["READY", "READY"])
     finally:
         closed.stop()

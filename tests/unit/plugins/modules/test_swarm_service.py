@@ -407,9 +407,10 @@ def test_check_mode_reports_and_writes_nothing(lab, swarm, service):
         (dict(update_config={"delay": "10x"}), "update_config.delay"),
         (dict(limit_memory="lots"), "limit_memory"),
         (dict(reserve_memory="lots"), "reserve_memory"),
+        (dict(stop_signal="usr1"), "stop_signal"),
     ],
 )
-def test_a_bad_duration_or_size_fails_naming_the_option(lab, service, bad, option):
+def test_a_bad_duration_size_or_signal_fails_naming_the_option(lab, service, bad, option):
     failed = service(**bad)
     assert failed["rc"] == 1
     assert f"{option}=" in failed["msg"]
@@ -428,3 +429,13 @@ def test_a_missing_network_fails_naming_it(lab, service, network):
     assert failed["rc"] == 1
     assert f"network {network} does not exist" in failed["msg"]
     assert lab.writes == []
+
+
+def test_a_stop_signal_is_sent_and_kept(lab, swarm, service):
+    created = service(stop_signal="SIGUSR1")
+    assert created["rc"] == 0, created.get("msg")
+    assert container_spec(swarm.service("echo"))["StopSignal"] == "SIGUSR1"
+    lab.writes.clear()
+    assert not service(stop_signal="SIGUSR1")["changed"] and lab.writes == []
+    changed = service(stop_signal="SIGTERM")
+    assert changed["actions"] == ["updated service echo (TaskTemplate.ContainerSpec.StopSignal)"]
