@@ -89,6 +89,20 @@ init_state() {
     fi
     mkdir -p "$LAB_STATE"
     echo "$LAB_NAME" > "$LAB_STATE/$LAB_STATE_MARKER"
+    lab_instance >/dev/null
+}
+
+# lab_instance: a random id made with the state directory. Containers carry it,
+# so one left by an earlier lab of the same name (its state directory removed,
+# or a run killed before lab down, on a host that keeps Docker's data) is told
+# apart from this lab's own.
+lab_instance() {
+    local file="$LAB_STATE/instance-id"
+    if [ ! -s "$file" ]; then
+        mkdir -p "$LAB_STATE"
+        od -An -tx1 -N16 /dev/urandom | tr -d ' \n' > "$file.tmp" && mv "$file.tmp" "$file"
+    fi
+    cat "$file"
 }
 
 # Record a host path that the lab created outside LAB_STATE, for lab down.
@@ -120,6 +134,7 @@ lab_start_node() {
     mkdir -p "$data"
     local args=(
         -d --name "$name" --hostname "$hostname" --label "$LAB_LABEL" --label io.mlfleet.lab.role=node
+        --label "io.mlfleet.lab.instance=$(lab_instance)" --label "io.mlfleet.lab.made-for=$(node_identity "$keys")"
         --cap-add ALL --cap-drop SYS_RESOURCE
         --security-opt seccomp=unconfined --security-opt apparmor=unconfined --security-opt systempaths=unconfined
         --cgroupns host -v /sys/fs/cgroup:/sys/fs/cgroup:rw --tmpfs /run --tmpfs /tmp
@@ -132,6 +147,13 @@ lab_start_node() {
     # No swap beyond the memory budget, as a VM has none beyond its RAM.
     [ -n "$memory" ] && args+=(--memory "$memory" --memory-swap "$memory")
     docker run "${args[@]}" "$@" mlfleet-lab/node:latest >/dev/null
+}
+
+# node_identity AUTHORIZED_KEYS: what a plain node container is made for, this
+# lab instance and the keys it lets in; lab up recreates a node whose label
+# differs rather than restart it with a stale key.
+node_identity() {
+    printf '%s\n%s' "$(lab_instance)" "$1" | sha256sum | cut -c1-16
 }
 
 # lab_remove_nodes CONTAINER...: stop each node gracefully (its dockerd stops

@@ -67,6 +67,11 @@ names=()
 for i in $(seq 1 "$nodes"); do
     name="$LAB_NAME-node-$i"
     names+=("$name")
+    if [ -n "$(docker ps -aq --filter "name=^${name}\$")" ] &&
+        [ "$(docker inspect -f '{{index .Config.Labels "io.mlfleet.lab.made-for"}}' "$name")" != "$(node_identity "$authorized_keys")" ]; then
+        log "node $name was made for another state directory or key; recreating it"
+        lab_remove_nodes "$name"
+    fi
     if [ -z "$(docker ps -aq --filter "name=^${name}\$")" ]; then
         log "starting node $name (cpus=$node_cpus memory=$node_memory)"
         lab_start_node "$name" "$name" "$node_cpus" "$node_memory" "$authorized_keys" \

@@ -11,6 +11,8 @@ Proxmox config into those calls:
 - net0's MAC -> the MAC of the node's eth0 (set by its init); name -> its host name;
 - ciuser and the URL-encoded sshkeys -> the node init's cloud-init stand-in, so Ansible can log in.
   As with a cloud-init instance id, they are read when the VM first boots.
+- a container of the same name left by another lab instance (lab_instance in lab/lib.sh) is not
+  this VM's disk: it is removed and the VM created afresh.
 
 The guest agent answers once the node's sshd and dockerd do, and reports what `ip addr` shows inside
 the node: every interface, lo and the node's own Docker bridges included, as a real agent would.
@@ -30,6 +32,7 @@ from .formats import IPCONFIG, NET, parse_property_string
 LAB_LIB = Path(__file__).resolve().parents[1] / "lib.sh"
 DEFAULT_MEMORY_MIB = 512  # Proxmox's default when a VM config has no `memory`
 AGENT_FAMILY = {"inet": "ipv4", "inet6": "ipv6"}
+INSTANCE_LABEL = "io.mlfleet.lab.instance"  # set by lab_start_node
 
 
 async def _run(*args: str, check: bool = True) -> str:
@@ -64,6 +67,9 @@ class DockerBackend:
         name, network, subnet = (await _lab("lab_settings")).split()
         return cls(name, network, subnet)
 
+    async def _instance(self) -> str:
+        return (await _lab("lab_instance")).strip()
+
     def container(self, vmid: int) -> str:
         # By VM id: Proxmox names may repeat, ids may not.
         return f"{self.lab_name}-vm-{vmid}"
@@ -94,6 +100,10 @@ class DockerBackend:
         cpus, memory = self._limits(vm)
         address = self._static_address(vm)
         state = await self._state(vm.vmid)
+        if state is not None and state["Config"]["Labels"].get(INSTANCE_LABEL) != await self._instance():
+            # Left by an earlier lab of the same name, not a disk of this simulator's VM.
+            await _lab("lab_remove_nodes", self.container(vm.vmid))
+            state = None
         if state is None:
             await self._create(vm, cpus, memory, address)
             return

@@ -138,6 +138,22 @@ def test_nodes_refuse_other_keys_and_have_their_own_host_keys(lab):
     assert len(host_keys) == len(NODES)
 
 
+def test_lab_up_recreates_a_node_left_with_another_key(lab):
+    """A node container left by an earlier lab of the same name (its state directory gone, or a run
+    killed before lab down) lets in another key; lab up must replace it, not restart it."""
+    stale_key = lab["work"] / "stale_key"
+    run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", stale_key])
+    node = NODES[1]
+    stale_start = f'. lab/lib.sh && lab_remove_nodes {node} && lab_start_node {node} {node} {NODE_CPUS} 1g "$(cat {stale_key}.pub)" --ip 192.168.214.202'
+    run(["bash", "-c", stale_start], env=lab["env"])
+    stale_id = run(["docker", "inspect", "-f", "{{.Id}}", node]).stdout.strip()
+    up = run([REPO_ROOT / "lab" / "up.sh"], env=lab["env"])
+    assert f"node {node} was made for another state directory or key" in up.stderr
+    assert run(["docker", "inspect", "-f", "{{.Id}}", node]).stdout.strip() != stale_id
+    result = run(["ansible", node, "-i", lab["inventory_dir"], "--one-line", "-m", "ansible.builtin.command", "-a", "hostname"])
+    assert f"{node} | CHANGED | rc=0 | (stdout) {node}" in result.stdout
+
+
 def test_image_pushed_to_the_lab_registry_is_pulled_by_a_node(lab, pushed_probe):
     assert pushed_probe == PROBE_IMAGE
     host_image_id = run(["docker", "image", "inspect", "-f", "{{.Id}}", "mlfleet-lab/probe:latest"]).stdout.strip()

@@ -152,6 +152,29 @@ def test_static_address_outside_the_lab_network_is_refused_with_the_fix(backend)
     assert run(["docker", "inspect", backend.container(903)], check=False).returncode != 0
 
 
+def test_a_container_left_by_another_lab_instance_is_not_taken_for_the_vm(backend, lab_env, tmp_path):
+    """A host that keeps Docker's data between runs may hold a node container of the same name from a
+    lab whose state is gone; starting the VM must not boot that stale disk with its stale keys."""
+    state = Path(lab_env["env"]["MLFLEET_LAB_STATE"])
+    stale_state = tmp_path / "stale-state"
+    (stale_state / "registry" / "tls").mkdir(parents=True)
+    (stale_state / "registry" / "tls" / "ca.crt").write_bytes((state / "registry" / "tls" / "ca.crt").read_bytes())
+    name = backend.container(904)
+    run(["bash", "-c", f'. lab/lib.sh && lab_start_node {name} stale 1 256m ""'], env={**lab_env["env"], "MLFLEET_LAB_STATE": str(stale_state)})
+    stale_id = run(["docker", "inspect", "-f", "{{.Id}}", name]).stdout.strip()
+    vm = VM(904, {"name": "web-4", "cores": 1, "memory": 256, "ipconfig0": "ip=dhcp"})
+    try:
+        asyncio.run(backend.start(vm))
+        wait_for_agent(backend, vm)
+        labels = run(["docker", "inspect", "-f", '{{.Id}} {{index .Config.Labels "io.mlfleet.lab.instance"}}', name]).stdout.split()
+        assert labels[0] != stale_id
+        assert labels[1] == (state / "instance-id").read_text().strip()
+        assert run(["docker", "exec", name, "hostname"]).stdout.strip() == "web-4"
+    finally:
+        asyncio.run(backend.stop(vm))
+        asyncio.run(backend.destroy(vm))
+
+
 def wait_for_task(api, upid, timeout=60):
     node = upid.split(":")[1]
     deadline = time.monotonic() + timeout
