@@ -12,8 +12,9 @@
 #   MLFLEET_LAB_INVENTORY      where to write the plain nodes' inventory
 #                              (default: inventories/lab/lab_nodes.yml)
 #   MLFLEET_LAB_SERVING=0      1: also publish what site.yml serves with: the
-#                              TorchServe and HAProxy images in the lab registry
-#                              (lab/torchserve, lab/haproxy) and the reference
+#                              TorchServe, HAProxy and InfluxDB 1.x images in the
+#                              lab registry (lab/torchserve, lab/haproxy,
+#                              lab/influxdb) and the reference
 #                              models in <state>/models (python -m models.build,
 #                              with the python on PATH)
 # See lab/lib.sh for the names, subnet and paths (all MLFLEET_LAB_* overridable).
@@ -50,7 +51,7 @@ fi
 "$LAB_ROOT/pvesim.sh" start
 
 if [ "$serving" = 1 ]; then
-    for image in torchserve haproxy; do
+    for image in torchserve haproxy influxdb; do
         "$LAB_ROOT/images/build.sh" "$image" >/dev/null
         "$LAB_ROOT/registry.sh" push "mlfleet-lab/$image:latest" "lab/$image" >/dev/null
     done

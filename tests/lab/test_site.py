@@ -1,7 +1,8 @@
 """The main job on the lab, as the README's lab command runs it: site.yml provisions the manager and
 worker VMs through the lab's Proxmox simulator (docker backend), the mlfleet.serving.proxmox inventory
 plugin reads them back, Ansible reaches every VM over SSH as its cloud-init user, forms the swarm,
-and serves both reference models with TorchServe behind the HAProxy edge proxy.
+serves both reference models with TorchServe behind the HAProxy edge proxy, and runs the lab's
+monitoring (InfluxDB 1.x, the checked Grafana and Telegraf files) and audit trail.
 
 Its own lab (name, subnet, simulator port, state directory) with no plain nodes: every host here
 came through the Proxmox API. The serving tests then scale, roll out a new model version and kill
@@ -136,6 +137,11 @@ def test_site_provisions_vms_through_proxmox_and_reaches_them(site):
     assert curl and curl.group(1) == edge.ca_file and curl.group(3) == f"{edge.url}/predictions/resnet18", result.stdout
     assert (site["state"] / "edge-proxy" / "inference.token").read_text().strip() == edge.token
     assert edge.token not in result.stdout + result.stderr
+    # Nor any secret the monitoring generated (InfluxDB users, Grafana admin, webhook token and HMAC secret).
+    generated = [p for pattern in ("*.token", "*.password", "*.secret") for p in (site["state"] / "monitoring").glob(pattern)]
+    assert len(generated) == 8
+    for path in generated:
+        assert path.read_text().strip() not in result.stdout + result.stderr, path.name
 
 
 def test_site_again_changes_nothing_and_writes_nothing_to_proxmox(site):
@@ -145,6 +151,31 @@ def test_site_again_changes_nothing_and_writes_nothing_to_proxmox(site):
         assert re.search(r"\bchanged=0\b.*\bunreachable=0\b.*\bfailed=0\b", counters), (host, counters)
     writes = [f"{r['method']} {r['path']}" for r in simulator_requests(site) if r["method"] in WRITES]
     assert writes == []
+
+
+def test_site_monitors_and_records_itself_in_the_audit_trail(site):
+    """The lab's monitoring: InfluxDB 1.x on the manager with authentication, the rendered and checked Grafana
+    and Telegraf files, and one audit event per site.yml run, the same in the JSON-lines log and in InfluxDB."""
+    monitoring = site["state"] / "monitoring"
+    rendered = monitoring / "rendered"
+    for name in ("grafana/provisioning/alerting/rules.yaml", "grafana/provisioning/alerting/contact-points.yaml",
+                 "grafana/dashboards/mlfleet-serving.json", "telegraf/telegraf.conf", "alert-delays.yml"):  # fmt: skip
+        assert (rendered / name).is_file(), name
+    influxdb = f"http://{SUBNET_PREFIX}.10:8086"
+    assert requests.get(f"{influxdb}/query", params={"q": "SHOW DATABASES"}, timeout=10).status_code == 401
+    logged = [json.loads(line) for line in (site["state"] / "audit.jsonl").read_text().splitlines()]
+    site_events = [event for event in logged if event["kind"] == "provision" and event["action"] == "site"]
+    assert len(site_events) >= 2  # the first run and the re-run of the tests above
+    assert all(event["decision"] == "acted" and event["values"]["workers"] == 2 for event in site_events)
+    answer = requests.get(
+        f"{influxdb}/query",
+        params={"db": "mlfleet", "q": 'SELECT "event_id", "value_workers" FROM "mlfleet_audit" WHERE "action" = \'site\''},
+        auth=("grafana", (monitoring / "influxdb-grafana.token").read_text().strip()),
+        timeout=10,
+    ).json()
+    stored = {row[1]: row[2] for row in answer["results"][0]["series"][0]["values"]}
+    assert stored == {event["event_id"]: 2 for event in site_events}
+    assert not (site["state"] / "audit.jsonl.pending").exists()
 
 
 def test_lab_credentials_are_the_simulators_published_lab_ones():
