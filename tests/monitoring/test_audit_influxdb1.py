@@ -12,8 +12,22 @@ from ansible.module_utils.common import warnings as module_warnings
 from ansible.module_utils.testing import patch_module_args
 from influxdb1 import quote_string
 
-from ansible_collections.mlfleet.serving.plugins.module_utils._audit import format_time, parse_time
-from ansible_collections.mlfleet.serving.plugins.modules import audit_event
+
+# The collection is imported when a test runs, not when pytest collects this file: `pytest tests` collects
+# tests/monitoring before tests/unit, and importing the collection before test_proxmox_inventory installs
+# Ansible's collection loader breaks that loader for every later test file.
+def collection_module(name):
+    from importlib import import_module
+
+    return import_module(f"ansible_collections.mlfleet.serving.plugins.{name}")
+
+
+def format_time(value):
+    return collection_module("module_utils._audit").format_time(value)
+
+
+def parse_time(value):
+    return collection_module("module_utils._audit").parse_time(value)
 
 
 @pytest.fixture(autouse=True)
@@ -43,7 +57,7 @@ def run(capsys, influxdb1, database, tmp_path):
         capsys.readouterr()
         with patch_module_args(args):
             with pytest.raises(SystemExit) as exited:
-                audit_event.main()
+                collection_module("modules.audit_event").main()
         output = capsys.readouterr().out
         result = json.loads(output)
         result["rc"] = exited.value.code
