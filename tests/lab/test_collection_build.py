@@ -56,7 +56,8 @@ def test_installed_version_matches_galaxy_yml(installed):
 def source_plugins() -> set[tuple[str, str]]:
     found = set()
     for folder, doc_type in DOCUMENTED_PLUGIN_TYPES.items():
-        for path in (REPO_ROOT / "plugins" / folder).glob("*.py"):
+        # A filter file may hold several filters; each has its own <name>.yml documentation beside it.
+        for path in (REPO_ROOT / "plugins" / folder).glob("*.yml" if folder == "filter" else "*.py"):
             if not path.name.startswith("_"):
                 found.add((doc_type, f"mlfleet.serving.{path.stem}"))
     return found
