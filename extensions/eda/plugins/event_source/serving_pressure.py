@@ -1,0 +1,706 @@
+# Copyright (c) mlfleet.serving maintainers
+# GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
+"""mlfleet.serving.serving_pressure: scale events from the edge proxy's HAProxy stats, within seconds of a burst.
+
+Grafana alerts take minutes (sampling, ``for`` windows, notification policy); this source polls HAProxy's CSV stats every
+few seconds and decides with hysteresis. The decision logic is the pure class PressureTracker, the parsing the pure
+function parse_stats_csv; main() only polls and puts events on the queue.
+"""
+
+import asyncio
+import csv
+import hashlib
+import json
+import logging
+import math
+import os
+import ssl
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import urlsplit
+
+import aiohttp
+
+DOCUMENTATION = r"""
+---
+short_description: Scale events from the edge proxy's load, within seconds of a burst.
+description:
+  - Polls the HAProxy edge proxy's CSV statistics (C(GET /stats;csv) on its C(stats) frontend) every O(interval) seconds
+    and puts a C(scale_out) event on the queue when a service stays overloaded for O(out_for) seconds, and a C(scale_in)
+    event when it stays idle for O(in_for) seconds. Between the thresholds nothing happens.
+  - "Per backend (one per Swarm service) and poll it computes: C(servers_up) (servers whose status is UP, or C(no check)),
+    C(inflight) (sessions on those servers), C(queued) (the backend's queue), C(per_server) = (inflight + queued) /
+    max(servers_up, 1), C(rtime_ms) and C(qtime_ms) (average response and queue time of the last 1024 requests),
+    C(rate) (sessions per second) and C(errors_5xx) (5xx answers since the previous poll)."
+  - "Overloaded: per_server >= O(out_threshold), or queued > O(out_queue), or no server up while requests wait.
+    Idle: per_server <= O(in_threshold), nothing queued, and at least one server up (a service with no task up has
+    nothing to remove)."
+  - After an event, the condition must hold for its whole window again, and at most one event per service and action is
+    emitted per O(repeat_after) seconds, so a long burst keeps asking, slowly.
+  - A failed poll (refused connection, timeout, TLS error, HTTP 401, malformed CSV) is logged as a warning without the
+    token and never produces a scale event; after it, every window starts again. A backend that was not in the previous
+    poll is only observed, never acted on. Backends without servers (such as the proxy's C(no_such_model)) are skipped.
+  - "Every event has this shape: C(action) (V(scale_out) or V(scale_in)), C(status) (V(firing)), C(service), C(cluster),
+    C(alertname) (V(ServingPressureHigh) or V(ServingPressureLow)), C(labels) (action, service and, when set, cluster),
+    C(values) (the figures above, plus C(window_s), the window that was met, and C(held_s), for how long the condition has
+    held), C(fingerprint) (the first 16 hex digits of the SHA-256 of C(serving_pressure:<service>:<action>)),
+    C(startsAt) (RFC 3339, when the condition began), C(source) (V(serving_pressure)) and C(received_at) (epoch seconds)."
+author:
+  - mlfleet.serving maintainers (@mlfleet)
+version_added: 0.1.0
+options:
+  url:
+    description:
+      - Base URL of the proxy's stats frontend, for example V(https://192.168.213.10:8404). Give O(url) or O(urls).
+    type: str
+  urls:
+    description:
+      - Several base URLs (one per swarm manager); each poll uses the first that answers, trying the last one that answered
+        first. Each proxy has its own queue, so the figures are those of the proxy that answered.
+    type: list
+    elements: str
+  stats_path:
+    description:
+      - Path of the CSV statistics under the base URL (HAProxy's C(stats uri) followed by C(;csv)).
+    type: str
+    default: /stats;csv
+  token:
+    description:
+      - "The stats bearer token, sent as C(Authorization: Bearer <token>). Required, or O(token_file), unless
+        O(insecure_no_auth=true). Never logged."
+    type: str
+  token_file:
+    description:
+      - A file holding the stats bearer token (surrounding whitespace is ignored); read once at start.
+    type: path
+  insecure_no_auth:
+    description:
+      - Send no token (a proxy without the bearer check).
+    type: bool
+    default: false
+  ca_file:
+    description:
+      - PEM file of the CA that signed the proxy's certificate (for the self-signed certificate the edge_proxy role
+        generates, that certificate itself). Without it, the system's CAs are trusted.
+    type: path
+  validate_certs:
+    description:
+      - Verify the proxy's TLS certificate and host name.
+    type: bool
+    default: true
+  timeout:
+    description:
+      - Seconds one request to the proxy may take.
+    type: float
+    default: 3
+  interval:
+    description:
+      - Seconds between polls.
+    type: float
+    default: 2
+  out_threshold:
+    description:
+      - Requests per up server (in flight plus queued) at or above which a service is overloaded.
+    type: float
+    default: 4.0
+  out_queue:
+    description:
+      - A service with more queued requests than this is overloaded.
+    type: int
+    default: 0
+  out_for:
+    description:
+      - Seconds a service must stay overloaded before a C(scale_out) event.
+    type: float
+    default: 6
+  in_threshold:
+    description:
+      - Requests per up server at or below which (with an empty queue) a service is idle. Must be below O(out_threshold).
+    type: float
+    default: 0.5
+  in_for:
+    description:
+      - Seconds a service must stay idle before a C(scale_in) event.
+    type: float
+    default: 60
+  repeat_after:
+    description:
+      - At most one C(scale_out) event per service per this many seconds.
+    type: float
+    default: 30
+  in_repeat_after:
+    description:
+      - At most one C(scale_in) event per service per this many seconds. Longer than O(repeat_after), because a service
+        that is idle at its minimum stays idle, and every C(scale_in) event runs a playbook that can only decide not to act.
+    type: float
+    default: 300
+  services:
+    description:
+      - Watch only these backends (Swarm services). By default every backend with servers is watched, except
+        O(ignore_backends).
+    type: list
+    elements: str
+  ignore_backends:
+    description:
+      - Backends never watched when O(services) is not set. Frontends are never watched.
+    type: list
+    elements: str
+    default: [stats]
+  cluster:
+    description:
+      - The cluster name put in the events' C(cluster) and C(labels.cluster).
+    type: str
+"""
+
+EXAMPLES = r"""
+- name: Autoscale on the edge proxy's load
+  hosts: localhost
+  sources:
+    - mlfleet.serving.serving_pressure:
+        urls:
+          - https://192.168.213.10:8404
+          - https://192.168.213.11:8404
+        token_file: /etc/mlfleet/edge-proxy-stats.token
+        ca_file: /etc/mlfleet/edge-proxy-ca.pem
+        cluster: lab
+        services: [resnet18, densenet161]
+  rules:
+    - name: Scale out
+      condition: event.action == "scale_out"
+      action:
+        run_playbook:
+          name: mlfleet.serving.scale_out
+"""
+
+SOURCE = "serving_pressure"
+SCALE_OUT = "scale_out"
+SCALE_IN = "scale_in"
+ALERTNAMES = {SCALE_OUT: "ServingPressureHigh", SCALE_IN: "ServingPressureLow"}
+# Server statuses that take traffic: UP, "UP 1/3" (failing checks, still in), and "no check" (a server without checks).
+SERVING_STATUSES = ("UP", "no check")
+CSV_COLUMNS = ("pxname", "svname", "type", "status", "qcur", "scur", "rate", "hrsp_5xx", "qtime", "rtime")
+ROW_TYPES = {0: "frontend", 1: "backend", 2: "server", 3: "listener"}
+MAX_STATS_BYTES = 16 * 1024 * 1024
+# ansible-rulebook adds its own arguments (eda_feedback_queue, ...): they are not the user's and are ignored.
+RULEBOOK_ARG_PREFIX = "eda_"
+
+logger = logging.getLogger("mlfleet.serving.serving_pressure")
+
+
+class StatsFormatError(ValueError):
+    """The proxy's answer is not HAProxy's CSV statistics."""
+
+
+class PollError(Exception):
+    """No proxy answered with statistics."""
+
+
+@dataclass(frozen=True)
+class StatsRow:
+    """One row of HAProxy's CSV statistics, with the columns this source reads."""
+
+    proxy: str
+    name: str
+    kind: str
+    status: str = ""
+    qcur: int = 0
+    scur: int = 0
+    rate: int = 0
+    hrsp_5xx: int = 0
+    qtime: int = 0
+    rtime: int = 0
+
+
+def _int_field(fields: list[str], index: int, column: str, line: int) -> int:
+    value = fields[index].strip()
+    if not value:
+        return 0
+    try:
+        return int(value)
+    except ValueError:
+        raise StatsFormatError(f"line {line} of the stats CSV: column {column} is {value[:40]!r}, not an integer") from None
+
+
+def parse_stats_csv(text: str) -> list[StatsRow]:
+    """Rows of HAProxy's ``show stat`` CSV (``GET <stats uri>;csv``); empty numeric fields read as 0.
+
+    Raises StatsFormatError when the text is not that CSV (an HTML page, a JSON error, a truncated answer).
+    """
+    lines = text.splitlines()
+    header_at = next((i for i, line in enumerate(lines) if line.strip()), None)
+    if header_at is None or not lines[header_at].startswith("# pxname,svname,"):
+        start = lines[header_at][:60] if header_at is not None else ""
+        raise StatsFormatError(
+            f"the answer is not HAProxy CSV statistics (no '# pxname,svname,...' header; it starts with {start!r}); "
+            "is stats_path the CSV URI, such as /stats;csv?"
+        )
+    header = next(csv.reader([lines[header_at][2:]]))
+    missing = [column for column in CSV_COLUMNS if column not in header]
+    if missing:
+        raise StatsFormatError(f"the stats CSV has no column {', '.join(missing)}; HAProxy 1.8 or later is required")
+    at = {column: header.index(column) for column in CSV_COLUMNS}
+    rows = []
+    for number, line in enumerate(lines[header_at + 1 :], start=header_at + 2):
+        if not line.strip():
+            continue
+        fields = next(csv.reader([line]))
+        if len(fields) < len(header):
+            raise StatsFormatError(f"line {number} of the stats CSV has {len(fields)} fields, the header {len(header)} (a truncated answer?)")
+        kind = ROW_TYPES.get(_int_field(fields, at["type"], "type", number)) if fields[at["type"]].strip() else None
+        if kind is None:
+            raise StatsFormatError(f"line {number} of the stats CSV: unknown row type {fields[at['type']][:40]!r}")
+        rows.append(
+            StatsRow(
+                proxy=fields[at["pxname"]],
+                name=fields[at["svname"]],
+                kind=kind,
+                status=fields[at["status"]].strip(),
+                **{column: _int_field(fields, at[column], column, number) for column in ("qcur", "scur", "rate", "hrsp_5xx", "qtime", "rtime")},
+            )
+        )
+    return rows
+
+
+@dataclass(frozen=True)
+class BackendFigures:
+    """What one poll says about one backend (one Swarm service)."""
+
+    servers: int
+    servers_up: int
+    inflight: int
+    queued: int
+    rtime_ms: int
+    qtime_ms: int
+    rate: int
+    hrsp_5xx: int
+
+    @property
+    def per_server(self) -> float:
+        return (self.inflight + self.queued) / max(self.servers_up, 1)
+
+
+def backend_figures(rows: list[StatsRow]) -> dict[str, BackendFigures]:
+    """Figures per backend, by backend name, from the rows of one poll (frontends and listeners are left out)."""
+    servers: dict[str, list[StatsRow]] = {}
+    backends: dict[str, StatsRow] = {}
+    for row in rows:
+        if row.kind == "server":
+            servers.setdefault(row.proxy, []).append(row)
+        elif row.kind == "backend":
+            backends[row.proxy] = row
+    figures = {}
+    for name, backend in backends.items():
+        serving = [row for row in servers.get(name, []) if row.status.startswith(SERVING_STATUSES)]
+        figures[name] = BackendFigures(
+            servers=len(servers.get(name, [])),
+            servers_up=len(serving),
+            inflight=sum(row.scur for row in serving),
+            queued=backend.qcur,
+            rtime_ms=backend.rtime,
+            qtime_ms=backend.qtime,
+            rate=backend.rate,
+            hrsp_5xx=backend.hrsp_5xx,
+        )
+    return figures
+
+
+def rfc3339(epoch: float) -> str:
+    return datetime.fromtimestamp(epoch, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def fingerprint(service: str, action: str) -> str:
+    return hashlib.sha256(f"{SOURCE}:{service}:{action}".encode()).hexdigest()[:16]
+
+
+@dataclass
+class _Window:
+    """One service+action: since when its condition holds, since when its window counts, and its last event."""
+
+    began: float | None = None
+    counting_from: float | None = None
+    last_event: float | None = None
+
+
+@dataclass
+class PressureTracker:
+    """The decisions, free of I/O and clocks: feed it every poll's rows with the poll's time, get the events to emit."""
+
+    out_threshold: float = 4.0
+    out_queue: int = 0
+    out_for: float = 6.0
+    in_threshold: float = 0.5
+    in_for: float = 60.0
+    repeat_after: float = 30.0
+    in_repeat_after: float = 300.0
+    services: list[str] | None = None
+    ignore_backends: list[str] = field(default_factory=lambda: ["stats"])
+    cluster: str | None = None
+    _windows: dict[tuple[str, str], _Window] = field(default_factory=dict, init=False, repr=False)
+    _previous: dict[str, BackendFigures] = field(default_factory=dict, init=False, repr=False)
+    _missing_reported: set[str] = field(default_factory=set, init=False, repr=False)
+
+    def watched(self, name: str, figures: BackendFigures) -> bool:
+        if figures.servers == 0:
+            return False
+        if self.services is not None:
+            return name in self.services
+        return name not in self.ignore_backends
+
+    def reset(self) -> None:
+        """Forget what the polls so far saw (after a failed poll), keeping when each event was last emitted."""
+        self._previous = {}
+        for window in self._windows.values():
+            window.began = window.counting_from = None
+
+    def observe(self, rows: list[StatsRow], now: float) -> list[dict[str, Any]]:
+        """Take one poll's rows, seen at ``now`` (epoch seconds); return the events it causes."""
+        current = backend_figures(rows)
+        self._report_missing(current)
+        events = []
+        for name in sorted(current):
+            figures = current[name]
+            previous = self._previous.get(name)
+            if previous is None or not self.watched(name, figures):
+                continue
+            # A counter below the previous one means the proxy restarted and counts from zero again.
+            errors = figures.hrsp_5xx - previous.hrsp_5xx if figures.hrsp_5xx >= previous.hrsp_5xx else figures.hrsp_5xx
+            stranded = figures.servers_up == 0 and figures.queued + figures.inflight > 0
+            overloaded = stranded or figures.per_server >= self.out_threshold or figures.queued > self.out_queue
+            idle = figures.servers_up > 0 and figures.per_server <= self.in_threshold and figures.queued == 0
+            for action, holds, window_s in ((SCALE_OUT, overloaded, self.out_for), (SCALE_IN, idle, self.in_for)):
+                began = self._step(name, action, holds, window_s, now)
+                if began is not None:
+                    values = _values(figures, errors) | {"window_s": window_s, "held_s": round(now - began, 3)}
+                    events.append(self._event(name, action, began, now, values))
+        for (name, _action), window in self._windows.items():
+            if name not in current:
+                window.began = window.counting_from = None
+        self._previous = current
+        return events
+
+    def _step(self, service: str, action: str, holds: bool, window_s: float, now: float) -> float | None:
+        """Advance one service+action's window; when an event is due, return since when its condition holds."""
+        window = self._windows.setdefault((service, action), _Window())
+        if not holds:
+            window.began = window.counting_from = None
+            return None
+        if window.began is None or window.counting_from is None:
+            window.began = window.counting_from = now
+        if now - window.counting_from < window_s:
+            return None
+        repeat_after = self.in_repeat_after if action == SCALE_IN else self.repeat_after
+        if window.last_event is not None and now - window.last_event < repeat_after:
+            return None
+        window.last_event = now
+        # Re-arm: the next event of this action needs the condition to hold for a whole window from here.
+        window.counting_from = now
+        return window.began
+
+    def _event(self, service: str, action: str, began: float, now: float, values: dict[str, int | float]) -> dict[str, Any]:
+        labels = {"action": action, "service": service}
+        if self.cluster:
+            labels["cluster"] = self.cluster
+        return {
+            "action": action,
+            "status": "firing",
+            "service": service,
+            "cluster": self.cluster,
+            "alertname": ALERTNAMES[action],
+            "labels": labels,
+            "values": values,
+            "fingerprint": fingerprint(service, action),
+            "startsAt": rfc3339(began),
+            "source": SOURCE,
+            "received_at": now,
+        }
+
+    def _report_missing(self, current: dict[str, BackendFigures]) -> None:
+        for name in self.services or ():
+            if name in current and current[name].servers > 0:
+                self._missing_reported.discard(name)
+            elif name not in self._missing_reported:
+                self._missing_reported.add(name)
+                known = ", ".join(sorted(backend for backend, figures in current.items() if figures.servers > 0)) or "none"
+                logger.warning("serving_pressure: service %r (from services) is not a backend with servers in the proxy's stats; those are: %s", name, known)
+
+
+def _values(figures: BackendFigures, errors_5xx: int) -> dict[str, int | float]:
+    return {
+        "servers_up": figures.servers_up,
+        "inflight": figures.inflight,
+        "queued": figures.queued,
+        "per_server": round(figures.per_server, 3),
+        "rtime_ms": figures.rtime_ms,
+        "qtime_ms": figures.qtime_ms,
+        "rate": figures.rate,
+        "errors_5xx": errors_5xx,
+    }
+
+
+# Arguments: name -> (kind, default). Kinds: str, path, bool, number, int, list.
+ARGUMENTS: dict[str, tuple[str, Any]] = {
+    "url": ("str", None),
+    "urls": ("list", None),
+    "stats_path": ("str", "/stats;csv"),
+    "token": ("str", None),
+    "token_file": ("path", None),
+    "insecure_no_auth": ("bool", False),
+    "ca_file": ("path", None),
+    "validate_certs": ("bool", True),
+    "timeout": ("number", 3.0),
+    "interval": ("number", 2.0),
+    "out_threshold": ("number", 4.0),
+    "out_queue": ("int", 0),
+    "out_for": ("number", 6.0),
+    "in_threshold": ("number", 0.5),
+    "in_for": ("number", 60.0),
+    "repeat_after": ("number", 30.0),
+    "in_repeat_after": ("number", 300.0),
+    "services": ("list", None),
+    "ignore_backends": ("list", ("stats",)),
+    "cluster": ("str", None),
+}
+BOOL_WORDS = {"true": True, "yes": True, "on": True, "1": True, "false": False, "no": False, "off": False, "0": False}
+
+
+def _arg_error(name: str, problem: str) -> ValueError:
+    return ValueError(f"mlfleet.serving.serving_pressure: argument '{name}' {problem}")
+
+
+def _convert(name: str, kind: str, value: Any) -> Any:
+    if kind in ("str", "path"):
+        if not isinstance(value, str) or not value.strip():
+            raise _arg_error(name, f"must be a non-empty string, got {type(value).__name__}")
+        return os.path.expanduser(value) if kind == "path" else value.strip()
+    if kind == "bool":
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in BOOL_WORDS:
+            return BOOL_WORDS[value.strip().lower()]
+        raise _arg_error(name, "must be true or false")
+    if kind in ("number", "int"):
+        if isinstance(value, bool):
+            raise _arg_error(name, f"must be a number, got {value!r}")
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            raise _arg_error(name, f"must be a number, got {str(value)[:40]!r}") from None
+        if not math.isfinite(number):
+            raise _arg_error(name, f"must be a finite number, got {value!r}")
+        if kind == "int":
+            if number != int(number):
+                raise _arg_error(name, f"must be a whole number, got {value!r}")
+            return int(number)
+        return number
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(item, str) and item.strip() for item in value):
+        raise _arg_error(name, "must be a list of non-empty strings")
+    return [item.strip() for item in value]
+
+
+@dataclass(frozen=True)
+class Settings:
+    urls: list[str]
+    stats_path: str
+    token: str | None = field(repr=False)
+    ssl_context: ssl.SSLContext | bool
+    timeout: float
+    interval: float
+    tracker: PressureTracker
+
+
+def _check_url(url: str, name: str, with_token: bool) -> str:
+    parts = urlsplit(url)
+    if parts.scheme not in ("https", "http") or not parts.hostname:
+        raise _arg_error(name, f"must be an http(s) URL such as https://192.168.213.10:8404, got {url!r}")
+    if parts.username or parts.password:
+        raise _arg_error(name, "must not carry credentials; give the stats token in 'token' or 'token_file'")
+    if parts.query or parts.fragment:
+        raise _arg_error(name, f"must be the stats frontend's base URL without query or fragment, got {url!r}")
+    if parts.scheme == "http" and with_token:
+        raise _arg_error(name, f"is plain http ({url!r}): the stats token would cross the network in clear; use https")
+    return url.rstrip("/")
+
+
+def _read_token_file(path: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            token = handle.read().strip()
+    except OSError as exc:
+        raise _arg_error("token_file", f"names a file that cannot be read ({path}: {exc.strerror})") from None
+    if not token:
+        raise _arg_error("token_file", f"names an empty file ({path}); put the stats token in it")
+    return token
+
+
+def _ssl_context(ca_file: str | None, validate_certs: bool) -> ssl.SSLContext | bool:
+    if ca_file and not validate_certs:
+        raise _arg_error("ca_file", "is set while validate_certs is false; drop one of them")
+    if not validate_certs:
+        return False
+    try:
+        return ssl.create_default_context(cafile=ca_file)
+    except (OSError, ssl.SSLError) as exc:
+        raise _arg_error("ca_file", f"cannot be loaded as PEM CA certificates ({ca_file}: {exc})") from None
+
+
+def parse_args(args: dict[str, Any]) -> Settings:
+    """Check the source's arguments; raise ValueError naming the argument and the fix."""
+    unknown = sorted(name for name in args if name not in ARGUMENTS and not name.startswith(RULEBOOK_ARG_PREFIX))
+    if unknown:
+        raise ValueError(f"mlfleet.serving.serving_pressure: unknown argument(s) {', '.join(unknown)}; known: {', '.join(ARGUMENTS)}")
+    # An empty string is "not set": rulebooks pass optional values as "{{ var | default('') }}".
+    given = {name: _convert(name, ARGUMENTS[name][0], value) for name, value in args.items() if name in ARGUMENTS and value is not None and value != ""}
+    values = {name: given.get(name, default) for name, (_kind, default) in ARGUMENTS.items()}
+    for name in ("timeout", "interval"):
+        if values[name] <= 0:
+            raise _arg_error(name, f"must be > 0 seconds, got {values[name]:g}")
+    for name in ("out_for", "in_for", "repeat_after", "in_repeat_after", "in_threshold", "out_queue"):
+        if values[name] < 0:
+            raise _arg_error(name, f"must be >= 0, got {values[name]:g}")
+    if values["out_threshold"] <= values["in_threshold"]:
+        problem = f"({values['out_threshold']:g}) must be above in_threshold ({values['in_threshold']:g}): a load cannot be both high and low"
+        raise _arg_error("out_threshold", problem)
+    if values["services"] == []:
+        raise _arg_error("services", "is an empty list, so nothing would be watched; leave it out to watch every backend")
+    if not values["stats_path"].startswith("/"):
+        raise _arg_error("stats_path", f"must start with '/', got {values['stats_path']!r}")
+
+    if values["url"] is None and values["urls"] is None:
+        raise _arg_error("url", "is required (or 'urls'): the base URL of the proxy's stats frontend, such as https://192.168.213.10:8404")
+    if values["url"] is not None and values["urls"] is not None:
+        raise _arg_error("url", "and 'urls' are both given; give one of them")
+    token_sources = [name for name in ("token", "token_file") if values[name] is not None]
+    if values["insecure_no_auth"]:
+        if token_sources:
+            raise _arg_error(token_sources[0], "is given while insecure_no_auth is true; drop one of them")
+        token = None
+    elif len(token_sources) != 1:
+        raise _arg_error("token", "or 'token_file' is required (exactly one of them), or set insecure_no_auth: true for a proxy without the bearer check")
+    else:
+        token = values["token"] if values["token"] is not None else _read_token_file(values["token_file"])
+        if any(char.isspace() or not char.isprintable() for char in token):
+            raise _arg_error(token_sources[0], "holds whitespace or control characters inside the token; a bearer token has none")
+    url_name = "url" if values["url"] is not None else "urls"
+    urls = [_check_url(url, url_name, token is not None) for url in ([values["url"]] if values["url"] is not None else values["urls"])]
+    if not urls:
+        raise _arg_error("urls", "must list at least one URL")
+
+    tracker = PressureTracker(
+        out_threshold=values["out_threshold"],
+        out_queue=values["out_queue"],
+        out_for=values["out_for"],
+        in_threshold=values["in_threshold"],
+        in_for=values["in_for"],
+        repeat_after=values["repeat_after"],
+        in_repeat_after=values["in_repeat_after"],
+        services=values["services"],
+        ignore_backends=list(values["ignore_backends"]),
+        cluster=values["cluster"],
+    )
+    return Settings(
+        urls=urls,
+        stats_path=values["stats_path"],
+        token=token,
+        ssl_context=_ssl_context(values["ca_file"], values["validate_certs"]),
+        timeout=values["timeout"],
+        interval=values["interval"],
+        tracker=tracker,
+    )
+
+
+async def _get_stats(session: aiohttp.ClientSession, url: str, settings: Settings) -> str:
+    headers = {"Authorization": f"Bearer {settings.token}"} if settings.token else {}
+    async with session.get(url + settings.stats_path, headers=headers, ssl=settings.ssl_context, allow_redirects=False) as response:
+        if response.status == 401:
+            raise PollError("HTTP 401: the proxy refused the stats token; check token / token_file against edge_proxy_stats_tokens")
+        if response.status != 200:
+            raise PollError(f"HTTP {response.status} {response.reason or ''}".rstrip())
+        # StreamReader.read(n) returns what has arrived so far, at most n bytes: read on until the end, bounded.
+        body = b""
+        while len(body) <= MAX_STATS_BYTES:
+            chunk = await response.content.read(MAX_STATS_BYTES + 1 - len(body))
+            if not chunk:
+                break
+            body += chunk
+        if len(body) > MAX_STATS_BYTES:
+            raise PollError(f"the answer is larger than {MAX_STATS_BYTES} bytes; is stats_path the CSV statistics?")
+        return body.decode("utf-8", errors="replace")
+
+
+async def poll(session: aiohttp.ClientSession, settings: Settings, order: list[str]) -> list[StatsRow]:
+    """Rows from the first proxy that answers with statistics, in ``order``; moves that proxy to the front of it."""
+    problems = []
+    for url in list(order):
+        try:
+            rows = parse_stats_csv(await _get_stats(session, url, settings))
+        except (PollError, StatsFormatError) as exc:
+            problems.append(f"{url}{settings.stats_path}: {exc}")
+        except (aiohttp.ClientError, TimeoutError, ssl.SSLError, OSError) as exc:
+            problems.append(f"{url}{settings.stats_path}: {type(exc).__name__}: {str(exc) or 'no answer within timeout'}")
+        else:
+            order.remove(url)
+            order.insert(0, url)
+            return rows
+    raise PollError("; ".join(problems))
+
+
+def _clock():
+    """Epoch seconds that never jump with the wall clock (the windows are measured with it)."""
+    wall, mono = time.time(), time.monotonic()
+    return lambda: wall + (time.monotonic() - mono)
+
+
+async def main(queue: asyncio.Queue[Any], args: dict[str, Any]) -> None:
+    """Poll the edge proxy's stats and put scale events on the queue."""
+    settings = parse_args(args)
+    tracker = settings.tracker
+    now = _clock()
+    order = list(settings.urls)
+    failures = consecutive_failures = 0
+    last_warning: tuple[str, float] | None = None
+    logger.info("serving_pressure: polling %s every %gs", ", ".join(u + settings.stats_path for u in settings.urls), settings.interval)
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=settings.timeout)) as session:
+        try:
+            while True:
+                started = now()
+                try:
+                    rows = await poll(session, settings, order)
+                except PollError as exc:
+                    failures += 1
+                    consecutive_failures += 1
+                    tracker.reset()
+                    message = str(exc)
+                    # The same error is repeated once a minute, not every poll; a new error at once.
+                    if last_warning is None or last_warning[0] != message or started - last_warning[1] >= 60:
+                        logger.warning("serving_pressure: poll failed (%d failed polls so far): %s", failures, message)
+                        last_warning = (message, started)
+                else:
+                    if consecutive_failures:
+                        logger.info("serving_pressure: %s answers again after %d failed polls; windows start again", order[0], consecutive_failures)
+                        consecutive_failures, last_warning = 0, None
+                    for event in tracker.observe(rows, started):
+                        event["received_at"] = time.time()
+                        logger.info("serving_pressure: %s for %s: %s", event["action"], event["service"], event["values"])
+                        await queue.put(event)
+                await asyncio.sleep(max(0.0, settings.interval - (now() - started)))
+        except asyncio.CancelledError:
+            logger.info("serving_pressure: cancelled after %d failed polls", failures)
+            raise
+
+
+if __name__ == "__main__":
+    # python serving_pressure.py '{"url": "https://127.0.0.1:8404", "token_file": "stats.token", "ca_file": "ca.pem"}'
+
+    class MockQueue(asyncio.Queue[Any]):
+        """A queue that prints the events."""
+
+        async def put(self, event: dict[str, Any]) -> None:
+            print(json.dumps(event))  # noqa: T201
+
+    logging.basicConfig(level=logging.INFO)
+    asyncio.run(main(MockQueue(), json.loads(sys.argv[1]) if len(sys.argv) > 1 else {}))
