@@ -1,0 +1,310 @@
+# Copyright (c) mlfleet.serving maintainers
+# GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
+"""The autoscaler's single-flight lease and its cooldown records, in one small JSON file on the control host.
+
+Only one scale playbook may act at a time. A run takes the lease for ``ttl`` seconds (taking it again with the same
+holder renews it) and gives it back when done; a run that crashed holds it only until it expires, and the next run
+takes it over and is told whose lease it replaced. Giving the lease back also records when each ``<service>:<action>``
+last acted, so a playbook honours cooldowns as ``now - last_actions[key]``.
+
+Every read-modify-write happens under an exclusive ``flock`` on the sidecar ``<path>.lock``. The data file is never
+locked: it is replaced atomically (a temporary file in the same directory, fsync, ``os.replace``), so a reader without
+the lock always sees a whole file. Times are wall-clock epoch seconds (``time.time``), because several processes share
+the file; a clock object with ``time``, ``monotonic`` and ``sleep`` (the ``time`` module by default) can be injected.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import math
+import os
+import secrets
+import socket
+import tempfile
+import time
+from contextlib import contextmanager, suppress
+
+FORMAT_VERSION = 1
+# How long to wait for the sidecar lock, which a run holds only for one read-modify-write (milliseconds).
+LOCK_TIMEOUT = 30.0
+LOCK_POLL = 0.01
+# The smallest poll_interval, so a waiting run cannot hammer the lock.
+MIN_POLL_INTERVAL = 0.01
+# A waiting run wakes this long after the lease it waits for expires, so that it finds it expired.
+EXPIRY_MARGIN = 0.01
+DELETE_HINT = (
+    "When no scale playbook runs, delete it (the cooldown records in it go with it) and run again; "
+    "it is not reset automatically because that could let two scale runs act at once"
+)
+
+
+class LeaseError(Exception):
+    """A problem with the lease file or the arguments, worded for the user."""
+
+
+def new_holder():
+    """A fresh holder id, ``<hostname>:<pid>:<random hex>``."""
+    return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(8)}"
+
+
+def is_time(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def lease_problem(lease):
+    """What is wrong with the stored lease, or None."""
+    if lease is None:
+        return None
+    if not isinstance(lease, dict):
+        return "'lease' is not an object"
+    if not isinstance(lease.get("holder"), str) or not lease["holder"]:
+        return "the lease has no holder"
+    if not is_time(lease.get("expires_at")):
+        return "the lease's expires_at is not a number"
+    if "acquired_at" in lease and not is_time(lease["acquired_at"]):
+        return "the lease's acquired_at is not a number"
+    if lease.get("reason") is not None and not isinstance(lease["reason"], str):
+        return "the lease's reason is not a string"
+    return None
+
+
+def data_problem(data):
+    """What is wrong with the decoded file, or None."""
+    if not isinstance(data, dict):
+        return "the content is not a JSON object"
+    if data.get("version", FORMAT_VERSION) != FORMAT_VERSION:
+        return f"format version {data.get('version')!r}, this collection reads version {FORMAT_VERSION}; it was written by another version of mlfleet.serving"
+    problem = lease_problem(data.get("lease"))
+    if problem:
+        return problem
+    last_actions = data.get("last_actions", {})
+    if not isinstance(last_actions, dict):
+        return "'last_actions' is not an object"
+    for key, when in last_actions.items():
+        if not is_time(when):
+            return f"last_actions[{key!r}] is not a number"
+    return None
+
+
+def check_holder(holder):
+    if not isinstance(holder, str) or not holder.strip():
+        raise LeaseError("holder must be a non-empty string: the id returned when the lease was acquired")
+
+
+def check_acted(acted):
+    """The keys of ``acted`` without repeats, in order."""
+    keys = []
+    for key in acted:
+        if not isinstance(key, str) or not key.strip():
+            raise LeaseError(f"every entry of acted must be a non-empty string such as 'resnet18:scale_out', got {key!r}")
+        if key not in keys:
+            keys.append(key)
+    return keys
+
+
+def describe(state, now):
+    """The lease as it stands and the cooldown records, as the module returns them."""
+    lease = state["lease"]
+    return {
+        "held_by": lease["holder"] if lease else None,
+        "held_reason": lease.get("reason") if lease else None,
+        "expires_at": lease["expires_at"] if lease else None,
+        "expires_in": round(max(lease["expires_at"] - now, 0.0), 3) if lease else None,
+        "last_actions": dict(state["last_actions"]),
+        "now": now,
+    }
+
+
+def fsync_directory(path):
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+class LeaseFile:
+    """The lease file at ``path``; its directory must exist."""
+
+    def __init__(self, path, clock=time, lock_timeout=LOCK_TIMEOUT):
+        self.path = path
+        self.lock_path = path + ".lock"
+        self.directory = os.path.dirname(os.path.abspath(path))
+        self.clock = clock
+        self.lock_timeout = lock_timeout
+
+    def _check_path(self):
+        if not os.path.isdir(self.directory):
+            raise LeaseError(
+                f"the directory {self.directory} of the lease file {self.path} does not exist; create it (for example with "
+                "ansible.builtin.file and state=directory, mode 0700) or set path to a file in an existing directory"
+            )
+        if os.path.isdir(self.path):
+            raise LeaseError(f"the lease file {self.path} is a directory; set path to a file, for example {os.path.join(self.path, 'scale.lease')}")
+
+    def _now(self, now):
+        return self.clock.time() if now is None else now
+
+    @contextmanager
+    def locked(self):
+        """An exclusive flock on ``<path>.lock`` (created with mode 0600), for one read-modify-write."""
+        self._check_path()
+        try:
+            descriptor = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as error:
+            raise LeaseError(
+                f"cannot open the lock file {self.lock_path}: {error.strerror}; the user running the scale playbooks needs write access to {self.directory}"
+            ) from None
+        try:
+            deadline = time.monotonic() + self.lock_timeout
+            while True:
+                try:
+                    fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() >= deadline:
+                        raise LeaseError(
+                            f"the lock file {self.lock_path} has been locked by another process for more than {self.lock_timeout:g} s, "
+                            f"although a run holds it only for milliseconds; find that process with 'fuser {self.lock_path}'"
+                        ) from None
+                    time.sleep(LOCK_POLL)
+                except OSError as error:
+                    raise LeaseError(f"cannot lock {self.lock_path}: {error.strerror}; keep the lease file on a local file system") from None
+            yield
+        finally:
+            os.close(descriptor)
+
+    def read(self):
+        """The file as ``{"lease": dict or None, "last_actions": {key: epoch}}``; a missing file is an empty one.
+
+        Safe without the lock, since the file is only ever replaced whole.
+        """
+        self._check_path()
+        try:
+            with open(self.path, "rb") as handle:
+                raw = handle.read()
+        except FileNotFoundError:
+            return {"lease": None, "last_actions": {}}
+        except OSError as error:
+            raise LeaseError(
+                f"cannot read the lease file {self.path}: {error.strerror}. "
+                f"Give the user running the scale playbooks read and write access to it. {DELETE_HINT}"
+            ) from None
+        try:
+            data = json.loads(raw.decode("utf-8"))
+        except ValueError as error:
+            raise LeaseError(f"the lease file {self.path} is corrupt (not JSON: {error}). {DELETE_HINT}") from None
+        problem = data_problem(data)
+        if problem:
+            raise LeaseError(f"the lease file {self.path} is corrupt ({problem}). {DELETE_HINT}")
+        lease = data.get("lease")
+        return {"lease": dict(lease) if lease else None, "last_actions": {key: float(when) for key, when in data.get("last_actions", {}).items()}}
+
+    def _write(self, state):
+        """Replace the file with ``state`` atomically, mode 0600. Call under the lock."""
+        data = {"version": FORMAT_VERSION, "lease": state["lease"], "last_actions": dict(sorted(state["last_actions"].items()))}
+        payload = (json.dumps(data, indent=2, allow_nan=False) + "\n").encode("utf-8")
+        temporary = None
+        try:
+            descriptor, temporary = tempfile.mkstemp(dir=self.directory, prefix=f".{os.path.basename(self.path)}.", suffix=".tmp")
+            with os.fdopen(descriptor, "wb") as handle:
+                os.fchmod(handle.fileno(), 0o600)
+                handle.write(payload)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(temporary, self.path)
+            temporary = None
+            fsync_directory(self.directory)
+        except OSError as error:
+            raise LeaseError(
+                f"cannot write the lease file {self.path}: {error.strerror}; the user running the scale playbooks needs write access to {self.directory}"
+            ) from None
+        finally:
+            if temporary is not None:
+                with suppress(OSError):
+                    os.unlink(temporary)
+
+    def try_acquire(self, holder, ttl, reason=None, now=None, check_mode=False):
+        """Take the lease when it is free, expired or already ``holder``'s (a renewal), without waiting.
+
+        In check mode, the file is read without the lock and nothing is written.
+        """
+        check_holder(holder)
+        if not is_time(ttl) or ttl <= 0:
+            raise LeaseError(f"ttl must be a positive number of seconds, got {ttl!r}")
+        if check_mode:
+            return self._acquire(self.read(), holder, ttl, reason, self._now(now), write=False)
+        with self.locked():
+            # The time is read once the lock is held: a time read before waiting for the lock could be older than the last write.
+            return self._acquire(self.read(), holder, ttl, reason, self._now(now), write=True)
+
+    def _acquire(self, state, holder, ttl, reason, now, write):
+        lease = state["lease"]
+        result = {"holder": holder, "acquired": False, "renewed": False, "taken_over": None}
+        if lease is not None and lease["holder"] != holder and lease["expires_at"] > now:
+            return dict(result, changed=False, **describe(state, now))
+        if lease is not None and lease["holder"] == holder:
+            result["renewed"] = True
+            acquired_at = lease.get("acquired_at", now)
+            if reason is None:
+                reason = lease.get("reason")
+        else:
+            acquired_at = now
+            if lease is not None:
+                result["taken_over"] = {key: lease.get(key) for key in ("holder", "reason", "acquired_at", "expires_at")}
+        state = {
+            "lease": {"holder": holder, "reason": reason, "acquired_at": acquired_at, "expires_at": now + ttl, "ttl": ttl},
+            "last_actions": state["last_actions"],
+        }
+        if write:
+            self._write(state)
+        return dict(result, acquired=True, changed=True, **describe(state, now))
+
+    def acquire(self, holder, ttl, reason=None, wait_timeout=0, poll_interval=1.0, check_mode=False):
+        """``try_acquire``, again every ``poll_interval`` seconds while another holder's live lease exists, for up to ``wait_timeout`` seconds.
+
+        Adds ``waited``, the seconds from the call to its last attempt, to the result. Check mode never waits: it reports whether the lease can be taken now.
+        """
+        if not is_time(wait_timeout) or wait_timeout < 0:
+            raise LeaseError(f"wait_timeout must be 0 or a positive number of seconds, got {wait_timeout!r}")
+        if not is_time(poll_interval) or poll_interval < MIN_POLL_INTERVAL:
+            raise LeaseError(f"poll_interval must be at least {MIN_POLL_INTERVAL} seconds, got {poll_interval!r}")
+        started = self.clock.monotonic()
+        deadline = started + wait_timeout
+        waited = 0.0
+        result = self.try_acquire(holder, ttl, reason, check_mode=check_mode)
+        while not result["acquired"] and not check_mode:
+            remaining = deadline - self.clock.monotonic()
+            if remaining <= 0:
+                break
+            self.clock.sleep(min(poll_interval, remaining, result["expires_in"] + EXPIRY_MARGIN))
+            waited = self.clock.monotonic() - started
+            result = self.try_acquire(holder, ttl, reason, check_mode=check_mode)
+        result["waited"] = round(waited, 3)
+        return result
+
+    def release(self, holder, acted=(), now=None, check_mode=False):
+        """Give the lease back when ``holder`` holds it, and record ``now`` as the last action time of each key of ``acted``.
+
+        When another holder (or nobody) holds it, nothing changes and ``acted`` is not recorded, so a late release after
+        a takeover never frees someone else's lease.
+        """
+        check_holder(holder)
+        keys = check_acted(acted)
+        if check_mode:
+            return self._release(self.read(), holder, keys, self._now(now), write=False)
+        with self.locked():
+            return self._release(self.read(), holder, keys, self._now(now), write=True)
+
+    def _release(self, state, holder, keys, now, write):
+        lease = state["lease"]
+        if lease is None or lease["holder"] != holder:
+            return dict(holder=holder, released=False, changed=False, **describe(state, now))
+        last_actions = dict(state["last_actions"])
+        for key in keys:
+            last_actions[key] = now
+        state = {"lease": None, "last_actions": last_actions}
+        if write:
+            self._write(state)
+        return dict(holder=holder, released=True, changed=True, **describe(state, now))

@@ -1,0 +1,550 @@
+"""module_utils/_lease.py: the scale lease file, with an injected clock, and real processes racing for it."""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import multiprocessing
+import os
+import re
+import signal
+import socket
+import stat
+import time
+
+import pytest
+
+from ansible_collections.mlfleet.serving.plugins.module_utils import _lease
+from ansible_collections.mlfleet.serving.plugins.module_utils._lease import LeaseError, LeaseFile, new_holder
+
+T0 = 1714564800.0
+
+
+class FakeClock:
+    """Wall clock, monotonic clock and sleep that only move when someone sleeps."""
+
+    def __init__(self, start=T0):
+        self.wall = start
+        self.elapsed = 0.0
+        self.sleeps = []
+
+    def time(self):
+        return self.wall
+
+    def monotonic(self):
+        return self.elapsed
+
+    def sleep(self, seconds):
+        assert seconds > 0
+        self.sleeps.append(round(seconds, 6))
+        self.wall += seconds
+        self.elapsed += seconds
+
+
+@pytest.fixture
+def path(tmp_path):
+    return str(tmp_path / "scale.lease")
+
+
+@pytest.fixture
+def clock():
+    return FakeClock()
+
+
+@pytest.fixture
+def lease(path, clock):
+    return LeaseFile(path, clock=clock)
+
+
+def stored(path):
+    with open(path, encoding="utf-8") as handle:
+        return json.load(handle)
+
+
+def content(path):
+    with open(path, "rb") as handle:
+        return handle.read()
+
+
+def mode(path):
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+# Acquire
+
+
+def test_a_free_lease_is_taken(lease, path):
+    result = lease.try_acquire("run-a", 60, "scale_out of resnet18", now=T0)
+    assert result == {
+        "holder": "run-a",
+        "acquired": True,
+        "renewed": False,
+        "taken_over": None,
+        "changed": True,
+        "held_by": "run-a",
+        "held_reason": "scale_out of resnet18",
+        "expires_at": T0 + 60,
+        "expires_in": 60.0,
+        "last_actions": {},
+        "now": T0,
+    }
+    assert stored(path) == {
+        "version": 1,
+        "lease": {"holder": "run-a", "reason": "scale_out of resnet18", "acquired_at": T0, "expires_at": T0 + 60, "ttl": 60},
+        "last_actions": {},
+    }
+
+
+def test_a_live_lease_of_another_holder_is_not_taken(lease, path):
+    lease.try_acquire("run-a", 60, "scale_out of resnet18", now=T0)
+    before = content(path)
+    result = lease.try_acquire("run-b", 60, "scale_in", now=T0 + 10)
+    assert not result["acquired"] and not result["changed"] and result["taken_over"] is None
+    assert result["held_by"] == "run-a" and result["held_reason"] == "scale_out of resnet18"
+    assert result["expires_at"] == T0 + 60 and result["expires_in"] == 50.0 and result["holder"] == "run-b"
+    assert content(path) == before
+
+
+@pytest.mark.parametrize("later", [60, 61, 10_000])
+def test_an_expired_lease_is_taken_over(lease, path, later):
+    lease.try_acquire("run-a", 60, "scale_out of resnet18", now=T0)
+    result = lease.try_acquire("run-b", 30, "scale_in", now=T0 + later)
+    assert result["acquired"] and result["changed"] and not result["renewed"]
+    assert result["taken_over"] == {"holder": "run-a", "reason": "scale_out of resnet18", "acquired_at": T0, "expires_at": T0 + 60}
+    assert result["held_by"] == "run-b" and result["expires_at"] == T0 + later + 30
+    assert stored(path)["lease"]["holder"] == "run-b"
+
+
+def test_the_same_holder_renews_its_lease(lease, path):
+    lease.try_acquire("run-a", 60, "scale_out", now=T0)
+    renewed = lease.try_acquire("run-a", 60, now=T0 + 50)
+    assert renewed["acquired"] and renewed["renewed"] and renewed["changed"] and renewed["taken_over"] is None
+    assert renewed["expires_at"] == T0 + 110 and renewed["held_reason"] == "scale_out"
+    assert stored(path)["lease"]["acquired_at"] == T0
+    # Renewing after its own expiry is still a renewal, not a takeover, and a new reason replaces the old one.
+    late = lease.try_acquire("run-a", 60, "scale_out, second step", now=T0 + 500)
+    assert late["renewed"] and late["taken_over"] is None and late["held_reason"] == "scale_out, second step"
+    assert stored(path)["lease"] == {"holder": "run-a", "reason": "scale_out, second step", "acquired_at": T0, "expires_at": T0 + 560, "ttl": 60}
+
+
+def test_a_lease_without_reason_reports_none(lease):
+    result = lease.try_acquire("run-a", 60, now=T0)
+    assert result["held_reason"] is None
+    assert lease.try_acquire("run-b", 60, now=T0 + 1)["held_reason"] is None
+
+
+# Release and cooldown records
+
+
+def test_release_gives_the_lease_back_and_records_acted(lease, path):
+    lease.try_acquire("run-a", 60, now=T0)
+    result = lease.release("run-a", ["resnet18:scale_out", "resnet18:scale_replicas", "resnet18:scale_out"], now=T0 + 20)
+    assert result == {
+        "holder": "run-a",
+        "released": True,
+        "changed": True,
+        "held_by": None,
+        "held_reason": None,
+        "expires_at": None,
+        "expires_in": None,
+        "last_actions": {"resnet18:scale_out": T0 + 20, "resnet18:scale_replicas": T0 + 20},
+        "now": T0 + 20,
+    }
+    assert stored(path) == {"version": 1, "lease": None, "last_actions": {"resnet18:scale_out": T0 + 20, "resnet18:scale_replicas": T0 + 20}}
+
+    again = lease.release("run-a", ["resnet18:scale_out"], now=T0 + 30)
+    assert not again["released"] and not again["changed"] and again["held_by"] is None
+    assert again["last_actions"] == {"resnet18:scale_out": T0 + 20, "resnet18:scale_replicas": T0 + 20}
+
+
+def test_cooldown_records_survive_later_leases(lease):
+    lease.try_acquire("run-a", 60, now=T0)
+    lease.release("run-a", ["densenet161:scale_in"], now=T0 + 5)
+    taken = lease.try_acquire("run-b", 60, now=T0 + 100)
+    assert taken["last_actions"] == {"densenet161:scale_in": T0 + 5} and taken["now"] - taken["last_actions"]["densenet161:scale_in"] == 95
+    released = lease.release("run-b", ["densenet161:scale_out"], now=T0 + 120)
+    assert released["last_actions"] == {"densenet161:scale_in": T0 + 5, "densenet161:scale_out": T0 + 120}
+    busy = lease.try_acquire("run-c", 60, now=T0 + 121)
+    assert busy["last_actions"] == released["last_actions"]
+
+
+def test_a_newer_action_replaces_the_older_record(lease):
+    lease.try_acquire("run-a", 60, now=T0)
+    lease.release("run-a", ["resnet18:scale_out"], now=T0 + 1)
+    lease.try_acquire("run-b", 60, now=T0 + 400)
+    assert lease.release("run-b", ["resnet18:scale_out"], now=T0 + 410)["last_actions"] == {"resnet18:scale_out": T0 + 410}
+
+
+def test_release_by_another_holder_changes_nothing(lease, path):
+    lease.try_acquire("run-a", 60, "scale_out", now=T0)
+    before = content(path)
+    result = lease.release("run-b", ["resnet18:scale_in"], now=T0 + 5)
+    assert not result["released"] and not result["changed"]
+    assert result["held_by"] == "run-a" and result["held_reason"] == "scale_out" and result["expires_in"] == 55.0 and result["last_actions"] == {}
+    assert content(path) == before
+
+
+def test_a_late_release_after_a_takeover_keeps_the_new_lease(lease):
+    lease.try_acquire("slow-run", 60, now=T0)
+    lease.try_acquire("next-run", 60, now=T0 + 61)
+    late = lease.release("slow-run", ["resnet18:scale_out"], now=T0 + 70)
+    assert not late["released"] and late["held_by"] == "next-run" and late["last_actions"] == {}
+    assert lease.try_acquire("third-run", 60, now=T0 + 71)["held_by"] == "next-run"
+
+
+def test_a_holder_releases_its_own_expired_lease(lease):
+    lease.try_acquire("run-a", 60, now=T0)
+    result = lease.release("run-a", ["resnet18:scale_out"], now=T0 + 300)
+    assert result["released"] and result["held_by"] is None and result["last_actions"] == {"resnet18:scale_out": T0 + 300}
+
+
+def test_release_of_a_missing_file_creates_nothing(lease, path):
+    result = lease.release("run-a", ["resnet18:scale_out"], now=T0)
+    assert not result["released"] and not result["changed"] and not os.path.exists(path)
+
+
+# Waiting, with the injected clock
+
+
+def test_waiting_takes_the_lease_when_it_expires(lease, clock):
+    lease.try_acquire("run-a", 5, "scale_out", now=T0)
+    result = lease.acquire("run-b", 60, wait_timeout=10, poll_interval=1)
+    assert result["acquired"] and result["taken_over"]["holder"] == "run-a" and result["waited"] == 5.0
+    assert clock.sleeps == [1.0] * 5
+
+
+def test_waiting_wakes_when_the_lease_expires_rather_than_at_the_next_poll(lease, clock):
+    lease.try_acquire("run-a", 60, now=T0 - 59.5)
+    result = lease.acquire("run-b", 60, wait_timeout=30, poll_interval=10)
+    assert result["acquired"] and clock.sleeps == [0.51]
+
+
+def test_waiting_takes_a_released_lease(lease, clock, monkeypatch):
+    lease.try_acquire("run-a", 600, now=T0)
+    sleep = clock.sleep
+
+    def release_after_two_polls(seconds):
+        sleep(seconds)
+        if len(clock.sleeps) == 2:
+            lease.release("run-a", ["resnet18:scale_out"])
+
+    monkeypatch.setattr(clock, "sleep", release_after_two_polls)
+    result = lease.acquire("run-b", 60, wait_timeout=30, poll_interval=2)
+    assert result["acquired"] and result["taken_over"] is None and result["waited"] == 4.0
+    assert result["last_actions"] == {"resnet18:scale_out": T0 + 4}
+
+
+def test_waiting_gives_up_after_wait_timeout(lease, clock, path):
+    lease.try_acquire("run-a", 600, "scale_in", now=T0)
+    before = content(path)
+    result = lease.acquire("run-b", 60, wait_timeout=3, poll_interval=1)
+    assert not result["acquired"] and not result["changed"] and result["waited"] == 3.0
+    assert result["held_by"] == "run-a" and result["held_reason"] == "scale_in" and result["expires_in"] == 597.0
+    assert clock.sleeps == [1.0, 1.0, 1.0] and content(path) == before
+
+
+def test_the_last_poll_is_cut_to_the_deadline(lease, clock):
+    lease.try_acquire("run-a", 600, now=T0)
+    result = lease.acquire("run-b", 60, wait_timeout=2.5, poll_interval=1)
+    assert not result["acquired"] and clock.sleeps == [1.0, 1.0, 0.5] and result["waited"] == 2.5
+
+
+def test_no_wait_by_default(lease, clock):
+    lease.try_acquire("run-a", 600, now=T0)
+    result = lease.acquire("run-b", 60)
+    assert not result["acquired"] and result["waited"] == 0.0 and clock.sleeps == []
+
+
+# Check mode
+
+
+def test_check_mode_writes_nothing(lease, path, tmp_path):
+    predicted = lease.acquire("run-a", 60, "scale_out", wait_timeout=30, check_mode=True)
+    assert predicted["acquired"] and predicted["changed"] and predicted["held_by"] == "run-a" and predicted["expires_at"] == T0 + 60
+    assert os.listdir(tmp_path) == []
+
+    lease.try_acquire("run-a", 60, now=T0)
+    before = content(path)
+    released = lease.release("run-a", ["resnet18:scale_out"], check_mode=True)
+    assert released["released"] and released["changed"] and released["last_actions"] == {"resnet18:scale_out": T0}
+    renewed = lease.try_acquire("run-a", 60, now=T0 + 30, check_mode=True)
+    assert renewed["renewed"] and renewed["expires_at"] == T0 + 90
+    assert content(path) == before and sorted(os.listdir(tmp_path)) == ["scale.lease", "scale.lease.lock"]
+
+
+def test_check_mode_does_not_wait_for_a_busy_lease(lease, clock):
+    lease.try_acquire("run-a", 600, now=T0)
+    result = lease.acquire("run-b", 60, wait_timeout=300, check_mode=True)
+    assert not result["acquired"] and not result["changed"] and result["held_by"] == "run-a" and clock.sleeps == []
+
+
+# The file itself
+
+
+def test_files_are_private_whatever_the_umask(path):
+    previous = os.umask(0)
+    try:
+        LeaseFile(path).try_acquire("run-a", 60)
+    finally:
+        os.umask(previous)
+    assert mode(path) == 0o600 and mode(path + ".lock") == 0o600
+
+
+def test_an_existing_file_with_loose_permissions_becomes_private(path):
+    with open(path, "w", encoding="utf-8") as handle:
+        json.dump({"version": 1, "lease": None, "last_actions": {"resnet18:scale_out": T0}}, handle)
+    os.chmod(path, 0o644)
+    result = LeaseFile(path).try_acquire("run-a", 60)
+    assert result["acquired"] and result["last_actions"] == {"resnet18:scale_out": T0}
+    assert mode(path) == 0o600
+
+
+def test_the_data_file_is_replaced_and_the_lock_is_a_sidecar(lease, path, tmp_path):
+    lease.try_acquire("run-a", 60, now=T0)
+    data_inode, lock_inode = os.stat(path).st_ino, os.stat(path + ".lock").st_ino
+    lease.release("run-a", ["resnet18:scale_out"], now=T0 + 1)
+    assert os.stat(path).st_ino != data_inode and os.stat(path + ".lock").st_ino == lock_inode
+    assert os.path.getsize(path + ".lock") == 0
+    assert sorted(os.listdir(tmp_path)) == ["scale.lease", "scale.lease.lock"]
+
+
+def test_a_failed_write_leaves_the_file_and_no_temporary(lease, path, tmp_path, monkeypatch):
+    lease.try_acquire("run-a", 60, now=T0)
+    before = content(path)
+
+    def refuse(source, target):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(_lease.os, "replace", refuse)
+    with pytest.raises(LeaseError, match=f"cannot write the lease file {re.escape(path)}: No space left on device"):
+        lease.release("run-a", now=T0 + 1)
+    assert content(path) == before and sorted(os.listdir(tmp_path)) == ["scale.lease", "scale.lease.lock"]
+
+
+def test_a_missing_directory_is_named(tmp_path):
+    missing = tmp_path / "state" / "mlfleet"
+    lease = LeaseFile(str(missing / "scale.lease"))
+    for call in (lambda: lease.try_acquire("run-a", 60), lambda: lease.release("run-a"), lambda: lease.acquire("run-a", 60, check_mode=True)):
+        with pytest.raises(LeaseError) as raised:
+            call()
+        assert f"the directory {missing} of the lease file {missing / 'scale.lease'} does not exist" in str(raised.value)
+        assert "create it" in str(raised.value)
+    assert not (tmp_path / "state").exists()
+
+
+def test_a_directory_as_path_is_refused(tmp_path):
+    with pytest.raises(LeaseError, match="is a directory; set path to a file"):
+        LeaseFile(str(tmp_path)).try_acquire("run-a", 60)
+
+
+CORRUPT = [
+    (b"", "not JSON"),
+    (b'{"lease": {"holder": "run-a", "expires_at": 1714564860', "not JSON"),
+    (b"\xff\xfe", "not JSON"),
+    (b"[]", "not a JSON object"),
+    (b'{"lease": "run-a"}', "'lease' is not an object"),
+    (b'{"lease": {"expires_at": 1714564860}}', "the lease has no holder"),
+    (b'{"lease": {"holder": "run-a", "expires_at": "soon"}}', "expires_at is not a number"),
+    (b'{"lease": {"holder": "run-a", "expires_at": NaN}}', "expires_at is not a number"),
+    (b'{"lease": {"holder": "run-a", "expires_at": 1, "acquired_at": true}}', "acquired_at is not a number"),
+    (b'{"lease": {"holder": "run-a", "expires_at": 1, "reason": 5}}', "reason is not a string"),
+    (b'{"last_actions": []}', "'last_actions' is not an object"),
+    (b'{"last_actions": {"resnet18:scale_out": "yesterday"}}', "last_actions['resnet18:scale_out'] is not a number"),
+    (b'{"version": 2, "lease": null}', "format version 2"),
+]
+
+
+@pytest.mark.parametrize("data, problem", CORRUPT)
+def test_a_corrupt_file_is_never_reset(path, data, problem):
+    with open(path, "wb") as handle:
+        handle.write(data)
+    lease = LeaseFile(path)
+    for call in (
+        lambda: lease.try_acquire("run-a", 60),
+        lambda: lease.release("run-a", ["resnet18:scale_out"]),
+        lambda: lease.acquire("run-a", 60, check_mode=True),
+    ):
+        with pytest.raises(LeaseError) as raised:
+            call()
+        message = str(raised.value)
+        assert f"the lease file {path} is corrupt" in message and problem in message
+        assert "When no scale playbook runs, delete it" in message and "two scale runs" in message
+    assert content(path) == data
+
+
+def test_an_unreadable_file_is_named(path, monkeypatch):
+    LeaseFile(path).try_acquire("run-a", 60)
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
+
+    monkeypatch.setattr(_lease, "open", refuse, raising=False)
+    with pytest.raises(LeaseError) as raised:
+        LeaseFile(path).try_acquire("run-b", 60)
+    message = str(raised.value)
+    assert f"cannot read the lease file {path}: Permission denied" in message and "When no scale playbook runs, delete it" in message
+
+
+def test_a_lock_held_too_long_is_reported(path):
+    descriptor = os.open(path + ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX)
+        started = time.monotonic()
+        with pytest.raises(LeaseError, match=f"the lock file {re.escape(path)}.lock has been locked by another process for more than 0.2 s"):
+            LeaseFile(path, lock_timeout=0.2).try_acquire("run-a", 60)
+        assert time.monotonic() - started < 2
+    finally:
+        os.close(descriptor)
+    assert not os.path.exists(path)
+    assert LeaseFile(path).try_acquire("run-a", 60)["acquired"]
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda lease: lease.try_acquire("", 60), "holder must be a non-empty string"),
+        (lambda lease: lease.release("  "), "holder must be a non-empty string"),
+        (lambda lease: lease.try_acquire("run-a", 0), "ttl must be a positive number of seconds, got 0"),
+        (lambda lease: lease.try_acquire("run-a", -5), "ttl must be a positive number of seconds, got -5"),
+        (lambda lease: lease.acquire("run-a", 60, wait_timeout=-1), "wait_timeout must be 0 or a positive number of seconds, got -1"),
+        (lambda lease: lease.acquire("run-a", 60, poll_interval=0), "poll_interval must be at least 0.01 seconds, got 0"),
+        (lambda lease: lease.release("run-a", ["resnet18:scale_out", ""]), "every entry of acted must be a non-empty string"),
+    ],
+)
+def test_bad_arguments(lease, path, call, message):
+    with pytest.raises(LeaseError, match=re.escape(message)):
+        call(lease)
+    assert not os.path.exists(path)
+
+
+def test_new_holder_ids_are_unique_and_say_where_they_come_from():
+    first, second = new_holder(), new_holder()
+    assert re.fullmatch(rf"{re.escape(socket.gethostname())}:{os.getpid()}:[0-9a-f]{{16}}", first)
+    assert first != second
+
+
+# Real processes
+
+
+RACERS = 8
+
+
+def race_once(path, holder, barrier, results):
+    barrier.wait(10)
+    results.put(LeaseFile(path).try_acquire(holder, 30, f"race of {holder}"))
+
+
+def collect(results, count):
+    return [results.get(timeout=20) for attempt in range(count)]
+
+
+def join_all(processes):
+    for process in processes:
+        process.join(20)
+        assert process.exitcode == 0, f"{process.name} ended with {process.exitcode}"
+
+
+def test_racing_processes_one_wins_and_the_next_takes_over_after_release(path):
+    context = multiprocessing.get_context("fork")
+    holders = [f"racer-{number}" for number in range(RACERS)]
+    barrier, results = context.Barrier(RACERS), context.Queue()
+    processes = [context.Process(target=race_once, args=(path, holder, barrier, results)) for holder in holders]
+    for process in processes:
+        process.start()
+    outcomes = collect(results, RACERS)
+    join_all(processes)
+    (winner,) = [outcome["holder"] for outcome in outcomes if outcome["acquired"]]
+    assert all(outcome["held_by"] == winner for outcome in outcomes)
+    assert stored(path)["lease"]["holder"] == winner
+
+    losers = [holder for holder in holders if holder != winner]
+    assert not LeaseFile(path).try_acquire(losers[0], 30)["acquired"]
+    assert LeaseFile(path).release(winner, ["resnet18:scale_out"])["released"]
+    barrier = context.Barrier(len(losers))
+    processes = [context.Process(target=race_once, args=(path, holder, barrier, results)) for holder in losers]
+    for process in processes:
+        process.start()
+    outcomes = collect(results, len(losers))
+    join_all(processes)
+    (second,) = [outcome["holder"] for outcome in outcomes if outcome["acquired"]]
+    assert second in losers and all(outcome["taken_over"] is None for outcome in outcomes)
+    assert all("resnet18:scale_out" in outcome["last_actions"] for outcome in outcomes)
+
+
+def hold_in_turn(path, holder, barrier, results):
+    lease = LeaseFile(path)
+    barrier.wait(10)
+    taken = lease.acquire(holder, 30, wait_timeout=20, poll_interval=0.01)
+    entered = time.time()
+    time.sleep(0.02)
+    left = time.time()
+    released = lease.release(holder, [f"{holder}:scale_out"])
+    results.put({"holder": holder, "acquired": taken["acquired"], "released": released["released"], "entered": entered, "left": left})
+
+
+def read_while_others_write(path, stop, results):
+    lease, reads = LeaseFile(path), 0
+    while reads < 20_000 and not stop.is_set():
+        try:
+            lease.read()
+        except LeaseError as error:
+            results.put({"reads": reads, "error": str(error)})
+            return
+        reads += 1
+    results.put({"reads": reads, "error": None})
+
+
+def test_every_process_holds_the_lease_alone_in_turn(path):
+    context = multiprocessing.get_context("fork")
+    barrier, results, stop = context.Barrier(RACERS), context.Queue(), context.Event()
+    reader_results = context.Queue()
+    reader = context.Process(target=read_while_others_write, args=(path, stop, reader_results))
+    reader.start()
+    holders = [f"turn-{number}" for number in range(RACERS)]
+    processes = [context.Process(target=hold_in_turn, args=(path, holder, barrier, results)) for holder in holders]
+    for process in processes:
+        process.start()
+    turns = collect(results, RACERS)
+    join_all(processes)
+    stop.set()
+    reading = reader_results.get(timeout=20)
+    join_all([reader])
+
+    assert all(turn["acquired"] and turn["released"] for turn in turns)
+    turns.sort(key=lambda turn: turn["entered"])
+    for earlier, later in zip(turns, turns[1:], strict=False):
+        assert earlier["left"] <= later["entered"], f"{earlier['holder']} and {later['holder']} held the lease at the same time"
+    # The reader never takes the lock, and still only ever sees whole files.
+    assert reading["error"] is None and reading["reads"] > 0
+    assert stored(path)["lease"] is None
+    assert sorted(stored(path)["last_actions"]) == sorted(f"{holder}:scale_out" for holder in holders)
+
+
+def take_and_hang(path, holder, taken):
+    LeaseFile(path).try_acquire(holder, 1, "a run that will crash")
+    taken.set()
+    time.sleep(30)
+
+
+def test_a_crashed_holder_is_taken_over_after_its_ttl(path):
+    context = multiprocessing.get_context("fork")
+    taken = context.Event()
+    crashed = context.Process(target=take_and_hang, args=(path, "crashing-run", taken))
+    crashed.start()
+    try:
+        assert taken.wait(10)
+        os.kill(crashed.pid, signal.SIGKILL)
+        crashed.join(10)
+        assert crashed.exitcode == -signal.SIGKILL
+        lease = LeaseFile(path)
+        busy = lease.try_acquire("next-run", 60)
+        assert not busy["acquired"] and busy["held_by"] == "crashing-run" and 0 < busy["expires_in"] <= 1
+        result = lease.acquire("next-run", 60, "scale_out", wait_timeout=5, poll_interval=0.05)
+    finally:
+        if crashed.is_alive():
+            os.kill(crashed.pid, signal.SIGKILL)
+            crashed.join(10)
+    assert result["acquired"] and result["held_by"] == "next-run"
+    assert result["taken_over"]["holder"] == "crashing-run" and result["taken_over"]["reason"] == "a run that will crash"
+    assert result["taken_over"]["expires_at"] <= result["now"] and 0 < result["waited"] < 2
