@@ -22,6 +22,7 @@ class Answer:
     task: str
     version: str
     error: str = ""
+    node: str = ""  # the swarm node (VM) whose task answered
 
 
 @dataclass
@@ -82,7 +83,7 @@ class Load:
                 )
                 version = response.json().get("version", "") if response.status_code == 200 else ""
                 answer = Answer(started, time.monotonic() - started, response.status_code, response.headers.get("X-MLfleet-Task", ""), version,
-                                "" if response.status_code == 200 else response.text[:200])  # fmt: skip
+                                "" if response.status_code == 200 else response.text[:200], response.headers.get("X-MLfleet-Node", ""))  # fmt: skip
             except (requests.RequestException, ValueError) as error:
                 answer = Answer(started, time.monotonic() - started, 0, "", "", repr(error)[:200])
             with self.lock:

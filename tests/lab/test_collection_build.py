@@ -1,6 +1,7 @@
 """The collection as another team gets it: built, installed from the tarball, documented, runnable."""
 
 import json
+import sys
 import tarfile
 
 import pytest
@@ -86,3 +87,28 @@ def test_installed_site_playbook_resolves_by_fqcn(installed):
     result = run(["ansible-playbook", "--syntax-check", "mlfleet.serving.site"], env=installed["env"], cwd=installed["cwd"])
     installed_playbook = installed["collections"] / "ansible_collections" / "mlfleet" / "serving" / "playbooks" / "site.yml"
     assert f"playbook: {installed_playbook}" in result.stdout
+
+
+def test_installed_rulebook_finds_its_event_sources_and_playbooks_by_fqcn(installed):
+    """What `ansible-rulebook --rulebook mlfleet.serving.autoscale` resolves, from the installed copy only."""
+    probe = """
+import json
+import yaml
+from ansible_rulebook import collection as c
+location = c.find_object("mlfleet.serving", "autoscale", [f"{c.EDA_PATH_PREFIX}/rulebooks"], ".yml")
+with open(location, encoding="utf-8") as stream:
+    rulebook = yaml.safe_load(stream)
+sources = [key for ruleset in rulebook for source in ruleset["sources"] for key in source if key != "name"]
+playbooks = [rule["action"]["run_playbook"]["name"] for ruleset in rulebook for rule in ruleset["rules"]]
+print(json.dumps({
+    "sources": {s: c.find_source(*c.split_collection_name(s)) for s in sources},
+    "playbooks": {p: c.find_playbook(*c.split_collection_name(p)) for p in playbooks},
+}))
+"""
+    found = json.loads(run([sys.executable, "-c", probe], env=installed["env"], cwd=installed["cwd"]).stdout)
+    root = str(installed["collections"] / "ansible_collections" / "mlfleet" / "serving")
+    assert set(found["sources"]) == {"mlfleet.serving.grafana_alerts", "mlfleet.serving.serving_pressure"}
+    assert set(found["playbooks"]) == {"mlfleet.serving.scale_out", "mlfleet.serving.scale_in"}
+    assert all(path.startswith(root) for path in [*found["sources"].values(), *found["playbooks"].values()]), found
+    for playbook in ("scale_out", "scale_in", "scale_replicas", "teardown"):
+        run(["ansible-playbook", "--syntax-check", f"mlfleet.serving.{playbook}"], env=installed["env"], cwd=installed["cwd"])

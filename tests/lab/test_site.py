@@ -12,7 +12,9 @@ a replica under a light bounded load, counting every failed request.
 import json
 import os
 import re
+import signal
 import socket
+import subprocess
 import sys
 import time
 import zipfile
@@ -21,6 +23,7 @@ from pathlib import Path
 import pytest
 import requests
 import yaml
+from autoscale_support import Autoscaler, audit_events, grafana_notification, running_vm_vmids, swarm_nodes
 from lab_support import REPO_ROOT, run, wait_for
 from serving_load import Endpoint, Load
 
@@ -52,21 +55,28 @@ def site(tmp_path_factory):
     }
     # The lab inventory as inventories/lab/ has it, pointed at this lab's simulator and subnet.
     inventory = work / "inventory"
-    inventory.mkdir()
-    (inventory / "group_vars").symlink_to(REPO_ROOT / "inventories" / "lab" / "group_vars")
+    group_vars = inventory / "group_vars" / "all"
+    group_vars.mkdir(parents=True)
+    (group_vars / "lab.yml").symlink_to(REPO_ROOT / "inventories" / "lab" / "group_vars" / "all.yml")
     plugin_config = yaml.safe_load((REPO_ROOT / "inventories" / "lab" / "proxmox.yml").read_text())
     plugin_config |= {"api_port": PVE_PORT, "ca_path": str(state / "pvesim" / "ca.pem")}
     (inventory / "proxmox.yml").write_text(yaml.safe_dump(plugin_config))
-    overrides = work / "subnet.yml"
+    # In the inventory (loaded after lab.yml) and not only as extra vars: the scale playbooks that the autoscaler
+    # runs see the inventory alone.
+    overrides = group_vars / "zz-site-test.yml"
     gateway = f"{SUBNET_PREFIX}.1"
     overrides.write_text(
         yaml.safe_dump(
             {
                 "mlfleet_managers": {"count": 1, "cores": 1, "memory": 1024,
                                      "ip_range": {"start": f"{SUBNET_PREFIX}.10", "end": f"{SUBNET_PREFIX}.12", "prefix": 24, "gateway": gateway}},
-                "mlfleet_workers": {"count": 2, "cores": 2, "memory": 6144,
+                "mlfleet_workers": {"count": 2, "max_count": 3, "cores": 2, "memory": 6144,
                                     "ip_range": {"start": f"{SUBNET_PREFIX}.20", "end": f"{SUBNET_PREFIX}.59", "prefix": 24, "gateway": gateway}},
                 "mlfleet_nameserver": gateway,
+                # Small steps and short cooldowns, so that one test sees replicas, a VM and the way back.
+                "mlfleet_autoscale": {"services": {"resnet18": {"min": 2, "max": 8, "step": 3}, "densenet161": {"min": 1, "max": 3, "step": 1}},
+                                      "cooldown": {"scale_out": 10, "scale_in": 15, "scale_in_after_scale_out": 20},
+                                      "lease": {"path": str(state / "autoscale.lease")}},
             }
         )
     )  # fmt: skip
@@ -366,3 +376,222 @@ def test_a_replica_killed_under_load_is_counted_and_replaced(site):
     print(f"\nreplica killed under load (4 clients): {load.summary()}; the replacement answered {recovered:.1f} s after the kill")
     assert len(failed) <= 0.01 * len(load.answers), load.summary()
     assert len(servers_up(site, "resnet18")) == 2
+
+
+# Autoscaling: the real ansible-rulebook with the collection's rulebook, both event sources and the scale playbooks,
+# against this lab. The fast path drives the scaling (no webhook is posted for it); the Grafana path is driven with
+# notifications shaped exactly like Grafana's.
+
+AUTOSCALER_SETTINGS = {
+    "autoscale_pressure_out_threshold": 2.0,
+    "autoscale_pressure_out_for": 4,
+    "autoscale_pressure_in_threshold": 0.5,
+    "autoscale_pressure_in_for": 15,
+    "autoscale_pressure_repeat_after": 10,
+    "autoscale_pressure_in_repeat_after": 30,
+}
+
+
+@pytest.fixture(scope="module")
+def autoscaler(site, tmp_path_factory):
+    log = tmp_path_factory.mktemp("autoscaler") / "ansible-rulebook.log"
+    inventory = site["inventory"]
+    with Autoscaler(site["env"], site["state"], inventory, AUTOSCALER_SETTINGS, log) as running:
+        yield running
+    print(f"\nthe autoscaler's output: {log}")
+
+
+def manager_container():
+    return vm_container(MANAGER)
+
+
+def workers(nodes):
+    return [n for n in nodes if n["role"] == "worker"]
+
+
+def iso_now(offset=0.0):
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(time.time() + offset)) + "Z"
+
+
+def test_grafana_duplicates_act_once_a_distinct_alert_after_the_cooldown_acts_and_bad_webhooks_are_refused(site, autoscaler):
+    hook = autoscaler.webhook()
+    since = iso_now()
+    first = grafana_notification("densenet161", "scale_out", starts_at=iso_now())
+    answers = []
+    sent_from = time.monotonic()
+    for copy in range(50):
+        answers.append(hook.post(first))
+        assert answers[copy].status_code == 202, answers[copy].text
+    spent = time.monotonic() - sent_from
+    assert spent < 10, f"50 notifications took {spent:.1f} s"
+    assert [a.status_code for a in answers] == [202] * 50, {a.status_code for a in answers}
+    assert sum(a.json()["accepted"] for a in answers) == 1 and sum(a.json()["duplicates"] for a in answers) == 49
+
+    def grafana_events():
+        events = audit_events(site["state"], kind="scale", service="densenet161", source="grafana_alerts")
+        return [e for e in events if e["time"] >= since]
+
+    acted = wait_for("the scale action of the first alert", lambda: [e for e in grafana_events() if e["decision"] == "acted"], timeout=180)
+    assert acted[0]["action"] == "scale_out" and acted[0]["fields"]["replicas_after"] == acted[0]["fields"]["replicas_before"] + 1, acted[0]
+    # The rulebook's throttle and the playbook's cooldown (10 s here) are over; nothing else came of the 50.
+    time.sleep(12)
+    assert len(grafana_events()) == 1, grafana_events()
+    second = grafana_notification("densenet161", "scale_out", starts_at=iso_now())
+    assert hook.post(second).json() == {"accepted": 1, "duplicates": 0}
+    wait_for("the scale action of a distinct alert after the cooldown", lambda: len([e for e in grafana_events() if e["decision"] == "acted"]) == 2, 180)
+
+    # Refused, logged, and nothing acts on them.
+    bad = {
+        "no token": hook.post(first, headers={"Authorization": None}),
+        "wrong token": hook.post(first, token="not-the-token"),
+        "bad signature": hook.post(first, secret="not-the-secret"),
+        "replayed": hook.post(first, timestamp=int(time.time()) - 3600),
+        "malformed": hook.post(b'{"alerts": [ this is not json'),
+        "oversized": hook.post(b'{"alerts": []' + b" " * (2 * 1024 * 1024) + b"}"),
+    }
+    statuses = {name: answer.status_code for name, answer in bad.items()}
+    assert statuses == {"no token": 401, "wrong token": 401, "bad signature": 401, "replayed": 401, "malformed": 400, "oversized": 413}, statuses
+    time.sleep(5)
+    assert len(grafana_events()) == 2
+    rejected = [line for line in autoscaler.output().splitlines() if "grafana_alerts" in line and ("401" in line or "400" in line or "413" in line)]
+    assert len(rejected) >= 6, autoscaler.output()[-3000:]
+    # The fast path sees densenet161 idle and brings it back to its minimum.
+    wait_for("densenet161 back to 1 replica", lambda: len(servers_up(site, "densenet161")) == 1, timeout=300)
+
+
+def test_autoscaler_scales_out_to_a_new_vm_under_load_and_back_in_dropping_nothing(site, autoscaler):
+    endpoint = edge_endpoint(site)
+    body = jpeg_body(4)
+    before = workers(swarm_nodes(manager_container()))
+    assert len(before) == 2 and len(servers_up(site, "resnet18")) == 2
+    started = time.time()
+    with Load(endpoint, "resnet18", body.data, body.content_type, clients=12, max_requests=40000, max_seconds=900) as burst:
+        wait_for("resnet18 scaled out to 5 replicas in the proxy", lambda: len(servers_up(site, "resnet18")) >= 5, timeout=300)
+        new_nodes = wait_for(
+            "a new worker VM in the swarm",
+            lambda: [n for n in workers(swarm_nodes(manager_container())) if n["vmid"] not in {b["vmid"] for b in before} and n["status"] == "ready"],
+            timeout=600,
+        )
+        new_hostnames = {n["hostname"] for n in new_nodes}
+        burst.wait_for(lambda answers: any(a.node in new_hostnames for a in answers if a.status == 200), 600, f"an answer from a task on {new_hostnames}")
+        wait_for("8 resnet18 tasks up in the proxy", lambda: len(servers_up(site, "resnet18")) == 8, timeout=300)
+    print(f"\nburst (12 clients): {burst.summary()}")
+    # The calm: one client through the whole scale-in, every request counted.
+    with Load(endpoint, "resnet18", body.data, body.content_type, clients=1, max_requests=40000, max_seconds=900) as calm:
+        wait_for(
+            "scale-in back to 2 replicas on 2 workers (the minimum), none drained",
+            lambda: (
+                len(servers_up(site, "resnet18")) == 2
+                and len(workers(swarm_nodes(manager_container()))) == 2
+                and all(n["availability"] == "active" for n in swarm_nodes(manager_container()))
+            ),
+            timeout=600,
+        )
+        settled = len(calm.answers)
+        calm.wait_for(lambda answers: len(answers) >= settled + 5, 60, "answers after the scale-in")
+    print(f"calm through the scale-in (1 client): {calm.summary()}")
+    assert burst.failures() == [], burst.summary()
+    assert calm.failures() == [], calm.summary()
+    # No orphan VM: the pool's running VMs are the swarm's nodes.
+    assert running_vm_vmids(site["env"]["MLFLEET_LAB_NAME"]) == {n["vmid"] for n in swarm_nodes(manager_container())}
+    # The audit trail says who decided what, from which figures.
+    events = [e for e in audit_events(site["state"], kind="scale", service="resnet18") if e["time"] >= time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(started))]
+    acted_out = [e for e in events if e["action"] == "scale_out" and e["decision"] == "acted"]
+    acted_in = [e for e in events if e["action"] == "scale_in" and e["decision"] == "acted"]
+    assert acted_out and all(e["source"] == "serving_pressure" for e in acted_out), events
+    assert acted_out[0]["values"]["per_server"] >= AUTOSCALER_SETTINGS["autoscale_pressure_out_threshold"], acted_out[0]
+    assert any(e["fields"].get("workers_after", 0) > e["fields"].get("workers_before", 0) for e in acted_out), acted_out
+    assert acted_in and acted_in[-1]["fields"]["replicas_after"] == 2, acted_in
+    for event in acted_out + acted_in:
+        print(f"  {event['time']} {event['action']} {event['decision']}: {event['reason']} {event['fields']}")
+
+
+def test_the_autoscalers_output_and_logs_hold_no_secret(site, autoscaler):
+    state = site["state"]
+    secret_files = [*(state / "monitoring").glob("*.token"), *(state / "monitoring").glob("*.password"), *(state / "monitoring").glob("*.secret"),
+                    *(state / "edge-proxy").glob("*.token")]  # fmt: skip
+    secrets = {path.name: path.read_text().strip() for path in secret_files}
+    assert len(secrets) >= 8, sorted(secrets)
+    texts = {"ansible-rulebook output": autoscaler.output(), "audit.jsonl": (state / "audit.jsonl").read_text()}
+    assert "scale_out" in texts["ansible-rulebook output"] and "PLAY RECAP" in texts["ansible-rulebook output"]
+    leaked = [(name, where) for name, secret in secrets.items() for where, text in texts.items() if secret in text]
+    assert leaked == []
+
+
+def scale_playbook(site, playbook, settings, **extra):
+    command = ["ansible-playbook", "-i", site["inventory"], "-e", json.dumps({"mlfleet_autoscale": settings, **extra}), f"playbooks/{playbook}.yml"]
+    return subprocess.Popen(command, cwd=REPO_ROOT, env={**os.environ, **site["env"]}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)  # fmt: skip
+
+
+def kill_when(process, what, predicate, timeout):
+    try:
+        wait_for(what, lambda: predicate() or process.poll() is not None, timeout=timeout, interval=0.5)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+        output = process.communicate(timeout=60)[0]
+    assert process.returncode == -signal.SIGKILL, f"the playbook ended by itself before {what}:\n{output[-3000:]}"
+    return output
+
+
+def finish(process, timeout=900):
+    output = process.communicate(timeout=timeout)[0]
+    assert process.returncode == 0, output[-4000:]
+    return output
+
+
+def test_a_scale_out_killed_after_the_clone_and_a_scale_in_killed_after_the_drain_converge_when_run_again(site, autoscaler):
+    autoscaler.stop()
+    lab = site["env"]["MLFLEET_LAB_NAME"]
+    # Steps that need a VM at once; a short lease, so that the run after a kill takes over the dead run's lease.
+    settings = {"services": {"resnet18": {"min": 2, "max": 8, "step": 6}}, "cooldown": {"scale_out": 0, "scale_in": 0, "scale_in_after_scale_out": 0},
+                "lease": {"path": str(site["state"] / "autoscale.lease"), "ttl": 15, "wait": 90}}  # fmt: skip
+    vms_before = running_vm_vmids(lab)
+    scale_out = scale_playbook(site, "scale_out", settings, scale_service="resnet18")
+    output = kill_when(scale_out, "a new VM running", lambda: running_vm_vmids(lab) - vms_before, 300)
+    assert "Clone, start and address the new worker VMs" in output
+    new_vm = (running_vm_vmids(lab) - vms_before).pop()
+    assert new_vm not in {n["vmid"] for n in swarm_nodes(manager_container())}
+    output = finish(scale_playbook(site, "scale_out", settings, scale_service="resnet18"))
+    assert "had expired: that run did not finish" in output
+    node = next(n for n in swarm_nodes(manager_container()) if n["vmid"] == new_vm)
+    assert (node["status"], node["availability"]) == ("ready", "active")
+    assert running_vm_vmids(lab) == vms_before | {new_vm}
+    wait_for("8 resnet18 tasks up in the proxy", lambda: len(servers_up(site, "resnet18")) == 8, timeout=300)
+
+    output = kill_when(scale_playbook(site, "scale_in", settings, scale_service="resnet18"), "a drained worker",
+                       lambda: any(n["availability"] == "drain" for n in swarm_nodes(manager_container())), 300)  # fmt: skip
+    output = finish(scale_playbook(site, "scale_in", settings, scale_service="resnet18"))
+    nodes = swarm_nodes(manager_container())
+    assert all(n["availability"] == "active" and n["status"] == "ready" for n in nodes), nodes
+    assert len(workers(nodes)) == 2
+    assert running_vm_vmids(lab) == {n["vmid"] for n in nodes}
+    wait_for("2 resnet18 tasks up in the proxy", lambda: len(servers_up(site, "resnet18")) == 2, timeout=300)
+
+
+def test_a_worker_vm_killed_under_load_costs_at_most_1_percent_of_requests(site, autoscaler):
+    autoscaler.stop()
+    endpoint = edge_endpoint(site)
+    body = jpeg_body(5)
+    nodes = swarm_nodes(manager_container())
+    with Load(endpoint, "resnet18", body.data, body.content_type, clients=4, max_requests=8000, max_seconds=600) as load:
+        before = load.wait_for(lambda answers: len({a.node for a in answers if a.node}) >= 2, 120, "answers from both workers")
+        victim = next(a.node for a in reversed(before) if a.node)
+        victim_address = next(address for address in WORKERS if run(["docker", "exec", vm_container(address), "hostname"]).stdout.strip() == victim)
+        run(["docker", "kill", vm_container(victim_address)])
+        killed_at = time.monotonic()
+        # Answers go on from the surviving worker; the replacement tasks start there.
+        load.wait_for(lambda answers: len([a for a in answers if a.started > killed_at + 30]) >= 40, 240, "answers 30 s after the kill")
+        wait_for("2 resnet18 tasks up again", lambda: len(servers_up(site, "resnet18")) == 2, timeout=300)
+        replaced_after = time.monotonic() - killed_at
+    failed = load.failures()
+    # Recovery: how long requests sent after the kill kept failing. Requests already on the dead VM fail when the
+    # proxy's server timeout ends them; they are counted as failures, not as recovery time.
+    in_flight = [a for a in failed if a.started < killed_at]
+    recovered = max((a.started for a in failed if a.started >= killed_at), default=killed_at) - killed_at
+    print(f"\nworker VM killed under load (4 clients): {load.summary()}; {len(in_flight)} requests in flight on it failed; requests sent "
+          f"after the kill failed for {recovered:.1f} s; both replicas up again after {replaced_after:.1f} s; "
+          f"nodes before: {[n['hostname'] for n in nodes]}")  # fmt: skip
+    assert len(failed) <= 0.01 * len(load.answers), load.summary()
+    assert recovered <= 30, load.summary()
