@@ -336,24 +336,31 @@ def plan_scale_out(
         plan.update(decision="replicas", target_replicas=target, reason=f"{service}: {current} → {target} replicas; {fits} fit on {where(hosts)}")
         return plan
 
-    room = min(vm_step, max_workers - worker_pool_size)
-    if room > 0 and per_new_worker > 0:
-        add = room
-        for count in range(1, room + 1):
-            if fits + (pending + count) * per_new_worker >= target:
-                add = count
-                break
+    room = max(0, min(vm_step, max_workers - worker_pool_size))
+    # Pool VMs that are not workers yet (a run killed before they joined) are capacity on the way: the run joins them,
+    # and adds only what they do not cover, even when the pool is at its maximum or vm_step is 0.
+    if per_new_worker > 0 and (room > 0 or pending > 0):
+        add = next((count for count in range(0 if pending else 1, room + 1) if fits + (pending + count) * per_new_worker >= target), room)
         brings = fits + (pending + add) * per_new_worker
         coming = f", {plural(pending, 'VM')} still joining" if pending else ""
-        reason = (
-            f"{service}: {current} → {target} replicas needs {add} more worker {'VM' if add == 1 else 'VMs'}: "
-            f"{fits} fit on {where(hosts)}{coming}, {plural(per_new_worker, 'replica')} per new worker of {new_worker_cpus:g} CPUs; "
-            f"pool {worker_pool_size} → {worker_pool_size + add} of at most {max_workers}"
-        )
-        if brings < target and add < max_workers - worker_pool_size:
-            reason += f"; that makes room for {brings}, a later run adds more (vm_step {vm_step})"
-        elif brings < target:
-            reason += f"; that makes room for {brings}, and the pool is then at its maximum"
+        if add:
+            reason = (
+                f"{service}: {current} → {target} replicas needs {add} more worker {'VM' if add == 1 else 'VMs'}: "
+                f"{fits} fit on {where(hosts)}{coming}, {plural(per_new_worker, 'replica')} per new worker of {new_worker_cpus:g} CPUs; "
+                f"pool {worker_pool_size} → {worker_pool_size + add} of at most {max_workers}"
+            )
+            if brings < target and add < max_workers - worker_pool_size:
+                reason += f"; that makes room for {brings}, a later run adds more (vm_step {vm_step})"
+            elif brings < target:
+                reason += f"; that makes room for {brings}, and the pool is then at its maximum"
+        else:
+            reason = (
+                f"{service}: {current} → {target} replicas once the pool's {plural(pending, 'VM')} still joining "
+                f"{'joins' if pending == 1 else 'join'}: {fits} fit on {where(hosts)}, "
+                f"{plural(per_new_worker, 'replica')} per new worker of {new_worker_cpus:g} CPUs; no VM is added"
+            )
+            if brings < target:
+                reason += f"; that makes room for {brings}"
         plan.update(decision="vms", target_replicas=target, add_workers=add, reason=reason)
         return plan
 

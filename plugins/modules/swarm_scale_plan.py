@@ -20,6 +20,9 @@ description:
     When they do not, and the pool has fewer than O(max_workers) VMs, RV(decision=vms) asks for the fewest worker VMs (at most
     O(vm_step)) that make room, each assumed to bring O(new_worker_cpus) and to carry the labels the service's constraints need.
     At O(max_workers), the replicas rise as far as they fit, or RV(decision=none).
+  - Pool VMs that are not swarm workers yet (O(worker_pool_size) above the worker count, as a run killed after the clone
+    leaves them) are capacity on the way. When they make room, RV(decision=vms) comes with RV(add_workers=0), even at
+    O(max_workers) or with O(vm_step=0); the run joins them instead of cloning more.
   - V(scale_in) lowers the replicas by O(step) (down to O(min_replicas)) and picks the workers that can go (at most O(vm_step)).
     A worker can go when the replicas of every replicated service (this one at its new count) still fit on the other nodes,
     checked by first-fit-decreasing packing with the constraints and per-node maximum of each service and the reservations of
@@ -156,9 +159,9 @@ EXAMPLES = r"""
 RETURN = r"""
 decision:
   description:
-    - V(replicas) - set the replicas to RV(target_replicas); V(vms) - add RV(add_workers) worker VMs, then set the
-      replicas to RV(target_replicas); V(replicas_and_nodes) - lower the replicas, then remove RV(remove_nodes);
-      V(nodes) - remove RV(remove_nodes) only; V(none) - nothing to do (RV(reason) says why).
+    - V(replicas) - set the replicas to RV(target_replicas); V(vms) - add RV(add_workers) worker VMs (0 - only join the
+      pool's VMs that are not workers yet), then set the replicas to RV(target_replicas); V(replicas_and_nodes) - lower
+      the replicas, then remove RV(remove_nodes); V(nodes) - remove RV(remove_nodes) only; V(none) - nothing to do (RV(reason) says why).
   returned: always
   type: str
   sample: replicas
@@ -183,7 +186,7 @@ capacity:
   type: int
   sample: 4
 add_workers:
-  description: Worker VMs to add; 0 unless RV(decision=vms).
+  description: Worker VMs to add; 0 unless RV(decision=vms), and 0 with it when the pool's VMs still joining make room.
   returned: when O(action=scale_out)
   type: int
   sample: 0

@@ -163,7 +163,10 @@ OUT = dict(min_replicas=1, max_replicas=8, min_workers=1, max_workers=4, vm_step
         ("step capped by max_replicas", 3, dict(step=5, max_replicas=4), dict(decision="replicas", target_replicas=4)),
         ("raised to min_replicas", 1, dict(step=1, min_replicas=3), dict(decision="replicas", target_replicas=3)),
         ("VM joining counts", 4, dict(step=4, vm_step=2, worker_pool_size=3), dict(decision="vms", target_replicas=8, add_workers=1)),
-        ("pool at max while a VM joins", 4, dict(step=1, max_workers=3, worker_pool_size=3), dict(decision="none", add_workers=0)),
+        ("pool at max while a VM joins", 4, dict(step=1, max_workers=3, worker_pool_size=3), dict(decision="vms", target_replicas=5, add_workers=0)),
+        ("a joining VM is enough", 4, dict(step=2, worker_pool_size=3), dict(decision="vms", target_replicas=6, add_workers=0)),
+        ("a joining VM with vm_step 0", 4, dict(step=2, vm_step=0, worker_pool_size=3), dict(decision="vms", target_replicas=6, add_workers=0)),
+        ("joining VMs and one more", 4, dict(step=4, worker_pool_size=3), dict(decision="vms", target_replicas=8, add_workers=1)),
     ],
 )
 def test_scale_out(case, replicas, options, expected):
@@ -198,6 +201,14 @@ def test_scale_out_reasons_name_the_figures():
     services["resnet18"]["replicas"] = 3
     partial = plan_scale_out("resnet18", nodes, services, [], **{**OUT, "step": 2, "max_workers": 2})
     assert partial["reason"] == "resnet18: 3 → 4 replicas, only 4 of 5 fit on 2 workers; 2 workers is the maximum"
+
+    # A run killed after the clone left a pool VM that is no worker yet: the next run joins it and adds nothing.
+    services["resnet18"]["replicas"] = 4
+    joining = plan_scale_out("resnet18", nodes, services, [], **{**OUT, "step": 4, "max_workers": 3, "worker_pool_size": 3})
+    assert joining["reason"] == (
+        "resnet18: 4 → 8 replicas once the pool's 1 VM still joining joins: 4 fit on 2 workers, "
+        "2 replicas per new worker of 2 CPUs; no VM is added; that makes room for 6"
+    )
 
     services["resnet18"]["replicas"] = 8
     top = plan_scale_out("resnet18", nodes, services, [], **OUT)

@@ -83,11 +83,11 @@ def test_check_mode_plans_the_same_and_writes_nothing(lab, capsys):
     assert lab.writes == []
 
 
-def test_a_vm_being_configured_counts_against_max_workers(lab, capsys):
+def test_a_vm_being_configured_counts_against_max_workers_and_is_joined_not_cloned_again(lab, capsys):
     result = plan(capsys, lab, **{**SCALE_OUT, "worker_pool_size": 4})
     assert result["rc"] == 0, result.get("msg")
-    assert (result["decision"], result["add_workers"]) == ("none", 0)
-    assert result["reason"] == "resnet18: no room: 4 workers is the maximum, and 3 replicas fit on 3 workers"
+    assert (result["decision"], result["target_replicas"], result["add_workers"]) == ("vms", 4, 0)
+    assert result["reason"].startswith("resnet18: 3 → 4 replicas once the pool's 1 VM still joining joins: 3 fit on 3 workers")
     assert result["values"]["pending_workers"] == 1
 
 
