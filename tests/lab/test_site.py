@@ -588,16 +588,19 @@ def test_a_worker_vm_killed_under_load_costs_at_most_1_percent_of_requests(site,
         run(["docker", "kill", vm_container(victim_address)])
         killed_at = time.monotonic()
         # Answers go on from the surviving worker; the replacement tasks start there.
-        load.wait_for(lambda answers: len([a for a in answers if a.started > killed_at + 30]) >= 40, 240, "answers 30 s after the kill")
         wait_for(f"{replicas} resnet18 tasks up again", lambda: len(servers_up(site, "resnet18")) == replicas, timeout=300)
         replaced_after = time.monotonic() - killed_at
+        # The same load for a fixed time after the kill, whatever the stalls, so that the share of failures has a
+        # fixed denominator.
+        load.wait_for(lambda answers: any(a.started > killed_at + 90 for a in answers), 240, "answers 90 s after the kill")
     failed = load.failures()
-    # Recovery: how long requests sent after the kill kept failing. Requests already on the dead VM fail when the
-    # proxy's server timeout ends them; they are counted as failures, not as recovery time.
+    # Recovery: how long requests sent after the kill kept failing. Requests in flight on the dead VM are sent again to
+    # another task once the proxy's TCP keepalive gives their connection up (edge_proxy_server_keepalive_*); any that
+    # still fail are counted.
     in_flight = [a for a in failed if a.started < killed_at]
     recovered = max((a.started for a in failed if a.started >= killed_at), default=killed_at) - killed_at
     print(f"\nworker VM killed under load (4 clients): {load.summary()}; {len(in_flight)} requests in flight on it failed; requests sent "
-          f"after the kill failed for {recovered:.1f} s; both replicas up again after {replaced_after:.1f} s; "
+          f"after the kill failed for {recovered:.1f} s; {replicas} replicas up again after {replaced_after:.1f} s; "
           f"nodes before: {[n['hostname'] for n in nodes]}")  # fmt: skip
     assert len(failed) <= 0.01 * len(load.answers), load.summary()
     assert recovered <= 30, load.summary()
