@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import importlib.util
 import json
 import os
 import signal
@@ -68,6 +69,11 @@ class Autoscaler:
         except subprocess.TimeoutExpired:
             os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait(timeout=30)
+        # A scale run killed with the autoscaler keeps the lease until its ttl ends (30 min). Give it back, as an operator
+        # does after stopping the autoscaler in the middle of a run; the cooldown record stays.
+        lease = load_lease_module().LeaseFile(str(self.state / "autoscale.lease"))
+        if os.path.exists(lease.path) and (held := lease.read()["lease"]) is not None:
+            lease.release(held["holder"])
 
     def output(self) -> str:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
@@ -79,6 +85,14 @@ class Autoscaler:
             (self.state / "monitoring" / "webhook-hmac.secret").read_text().strip(),
             str(self.state / "autoscale" / "webhook.crt"),
         )
+
+
+def load_lease_module():
+    """The collection's lease file code (plugins/module_utils/_lease.py, standard library only), loaded by path."""
+    spec = importlib.util.spec_from_file_location("mlfleet_lease", REPO_ROOT / "plugins" / "module_utils" / "_lease.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 class Webhook:
