@@ -4,7 +4,8 @@ Everything about how a node container is run lives in lab/lib.sh (`lab_start_nod
 `lab_remove_nodes`, `node_ready`), which lab/up.sh uses too; this backend only translates a VM's
 Proxmox config into those calls:
 
-- cores x sockets -> the container's CPU limit, memory (MiB) -> its memory limit (no swap), both
+- cores x sockets -> the container's CPU limit, or cpulimit where it is lower (Proxmox caps the guest's CPU
+  time at cpulimit CPUs however many cores it sees), memory (MiB) -> its memory limit (no swap), both
   re-applied at every start as Proxmox applies a changed config at the next boot;
 - ipconfig0 `ip=<cidr>` -> the container's address on the lab network (it must lie in the lab
   subnet), `ip=dhcp` or none -> an address Docker's IPAM hands out, like a DHCP lease;
@@ -33,6 +34,15 @@ LAB_LIB = Path(__file__).resolve().parents[1] / "lib.sh"
 DEFAULT_MEMORY_MIB = 512  # Proxmox's default when a VM config has no `memory`
 AGENT_FAMILY = {"inet": "ipv4", "inet6": "ipv6"}
 INSTANCE_LABEL = "io.mlfleet.lab.instance"  # set by lab_start_node
+
+
+def cpu_limit(config: dict) -> str:
+    """The container's `--cpus` for a VM config: cores x sockets, or cpulimit where it is set (above 0) and lower."""
+    cpus = float(int(config.get("cores", 1)) * int(config.get("sockets", 1)))
+    cpulimit = float(config.get("cpulimit", 0) or 0)
+    if 0 < cpulimit < cpus:
+        cpus = cpulimit
+    return f"{cpus:g}"
 
 
 async def _run(*args: str, check: bool = True) -> str:
@@ -80,9 +90,7 @@ class DockerBackend:
         return found[0] if found else None
 
     def _limits(self, vm: GuestView) -> tuple[str, str]:
-        cpus = int(vm.config.get("cores", 1)) * int(vm.config.get("sockets", 1))
-        memory = f"{int(vm.config.get('memory', DEFAULT_MEMORY_MIB))}m"
-        return str(cpus), memory
+        return cpu_limit(vm.config), f"{int(vm.config.get('memory', DEFAULT_MEMORY_MIB))}m"
 
     def _static_address(self, vm: GuestView) -> str | None:
         ip = parse_property_string(str(vm.config.get("ipconfig0", "")), IPCONFIG).get("ip", "dhcp")

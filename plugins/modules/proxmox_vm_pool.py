@@ -97,6 +97,11 @@ options:
     description:
       - CPU cores of new members. Default is the template's.
     type: int
+  cpulimit:
+    description:
+      - CPU time new members may use, in CPUs (Proxmox's C(cpulimit)); for example V(0.5) is half of one host CPU, however
+        many O(cores) the guest sees. V(0) means no limit. Default is the template's.
+    type: float
   memory:
     description:
       - Memory of new members in MiB. Default is the template's.
@@ -412,6 +417,7 @@ def argument_spec():
         name_prefix=dict(type="str"),
         nodes=dict(type="list", elements="str"),
         cores=dict(type="int"),
+        cpulimit=dict(type="float"),
         memory=dict(type="int"),
         ciuser=dict(type="str"),
         sshkeys=dict(type="list", elements="str", no_log=False),
@@ -450,6 +456,8 @@ def check_arguments(params):
             raise PoolError(f"{name} must be at least 1, not {params[name]}")
     if params["count"] is not None and params["count"] < 0:
         raise PoolError(f"count must be 0 or more, not {params['count']}")
+    if params["cpulimit"] is not None and not 0 <= params["cpulimit"] <= 128:
+        raise PoolError(f"cpulimit must be from 0 (no limit) to 128 CPUs, as Proxmox accepts, not {params['cpulimit']:g}")
     if params["clone_retries"] < 0 or params["poll_interval"] <= 0:
         raise PoolError("clone_retries must be 0 or more and poll_interval more than 0")
     if params["state"] == "present" and (params["count"] is None or not params["template"]):
@@ -573,6 +581,8 @@ class PoolRun:
         config = {"name": name, "tags": join_tags([params["pool_tag"], *params["extra_tags"]])}
         if params["cores"] is not None:
             config["cores"] = params["cores"]
+        if params["cpulimit"] is not None:
+            config["cpulimit"] = params["cpulimit"]
         if params["memory"] is not None:
             config["memory"] = str(params["memory"])
         if params["ciuser"] is not None:

@@ -101,7 +101,7 @@ def members(result):
 
 
 def test_create_rerun_grow_shrink_absent(sim, module):
-    created = module(count=3, ciuser="debian", sshkeys=[KEY], cores=2, memory=1024, extra_tags=["mlfleet"], nameserver="192.168.213.1")
+    created = module(count=3, ciuser="debian", sshkeys=[KEY], cores=2, cpulimit=0.5, memory=1024, extra_tags=["mlfleet"], nameserver="192.168.213.1")
     assert created["rc"] == 0, created["msg"]
     assert created["changed"] and len(created["created"]) == 3
     assert sorted(vm["node"] for vm in created["created"]) == ["pve1", "pve2", "pve3"]
@@ -114,11 +114,11 @@ def test_create_rerun_grow_shrink_absent(sim, module):
     assert vms[first]["name"] == f"worker-{first}" and vms[first]["pool"] == "mlfleet"
     config = api_get(sim, f"nodes/{vms[first]['node']}/qemu/{first}/config")
     assert urllib.parse.unquote(config["sshkeys"]) == KEY
-    assert (config["cores"], config["memory"], config["ciuser"], config["nameserver"]) == (2, "1024", "debian", "192.168.213.1")
+    assert (config["cores"], config["cpulimit"], config["memory"], config["ciuser"], config["nameserver"]) == (2, 0.5, "1024", "debian", "192.168.213.1")
     assert config["ipconfig0"] == "ip=dhcp" and config["tags"] == "worker;mlfleet"
 
     admin(sim, "DELETE", "requests")
-    again = module(count=3, ciuser="debian", sshkeys=[KEY], cores=2, memory=1024, extra_tags=["mlfleet"], nameserver="192.168.213.1")
+    again = module(count=3, ciuser="debian", sshkeys=[KEY], cores=2, cpulimit=0.5, memory=1024, extra_tags=["mlfleet"], nameserver="192.168.213.1")
     assert again["rc"] == 0 and not again["changed"]
     assert members(again) == members(created) and again["created"] == [] and again["removed"] == []
     assert writes(sim) == []
@@ -240,6 +240,7 @@ def test_address_range_exhaustion_fails_before_any_write(sim, module):
         ({"count": 0, "remove_vmids": [9000]}, r"remove_vmids: VM 9000 \(debian12-golden\) on pve1 is not a member of pool tag worker in pool mlfleet"),
         ({"count": 1, "nodes": ["pve9"]}, r"nodes pve9 not in the cluster"),
         ({"state": "present", "count": 1, "template": None}, r"state present needs count \(the pool size\) and template"),
+        ({"count": 1, "cpulimit": 200}, r"cpulimit must be from 0 \(no limit\) to 128 CPUs, as Proxmox accepts, not 200"),
     ],
 )
 def test_bad_arguments_name_the_object_and_the_fix(sim, module, args, message):
