@@ -100,7 +100,7 @@ class Lab:
         with log.open("a") as output:
             output.write(f"\n### {datetime.now(UTC).isoformat()} {' '.join(command)} (workers {workers})\n")
             output.flush()
-            result = subprocess.run(command, env=self.env(workers), cwd=REPO_ROOT, stdout=output, stderr=subprocess.STDOUT, timeout=timeout)
+            result = subprocess.run(command, env=self.env(workers), cwd=REPO_ROOT, stdout=output, stderr=subprocess.STDOUT, timeout=timeout, check=False)
         if result.returncode:
             raise SystemExit(f"{' '.join(command)} failed (exit {result.returncode}): see {log}")
         return time.monotonic() - started
@@ -328,7 +328,7 @@ async def _load(url: str, token: str, ca_file: str, model: str, body: bytes, req
                     error = type(exc).__name__
                 records.append((round(started, 3), round(time.time() - started, 4), status, error))
 
-        await asyncio.gather(*(client() for _ in range(concurrency)))
+        await asyncio.gather(*(client() for _client in range(concurrency)))
     return records
 
 
@@ -467,7 +467,7 @@ def shrink_pool(lab: Lab, model: str, workers: int):
     overrides = yaml.safe_load((REPO_ROOT / "bench" / "capacity" / "inventory_overrides.yml").read_text())["mlfleet_autoscale"]
     overrides["cooldown"] = {"scale_out": 0, "scale_in": 0, "scale_in_after_scale_out": 0}
     overrides["lease"]["path"] = str(lab.state / "autoscale.lease")
-    for _ in range(4):
+    for _attempt in range(4):
         if len(lab.workers()) <= workers:
             return
         wait_for_autoscaler_runs(lab)
@@ -507,12 +507,12 @@ def dynamic(lab: Lab, args):
 
 
 def pressure_setting(text: str) -> tuple[str, float]:
-    key, _, value = text.partition("=")
+    key, _equals, value = text.partition("=")
     return f"autoscale_pressure_{key}", float(value)
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n", maxsplit=1)[0])
     parser.add_argument("--cpulimit", type=float, default=float(os.environ.get("MLFLEET_BENCH_CPULIMIT", "0.25")), help="CPU budget of each worker VM")
     commands = parser.add_subparsers(dest="command", required=True)
     deploy_parser = commands.add_parser("deploy", help="bring the lab up and run site.yml with the bench inventory")

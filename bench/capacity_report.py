@@ -109,16 +109,16 @@ def plot_times(runs: list[dict], path: Path):
     import matplotlib.pyplot as plt
 
     grouped = groups(runs)
-    models = sorted({model for model, _ in grouped})
-    names = [name for name in ORDER if any(name == n for _, n in grouped)]
+    models = sorted({model for model, _name in grouped})
     figure, axes = plt.subplots(1, len(models) + 1, figsize=(5 * (len(models) + 1), 4), squeeze=False)
     for axis, model in zip(axes[0], models, strict=False):
+        names = [name for name in ORDER if (model, name) in grouped]
         medians = [statistics.median(r["total_s"] for r in grouped[(model, n)]) if (model, n) in grouped else 0 for n in names]
         lows = [m - min(r["total_s"] for r in grouped[(model, n)]) if (model, n) in grouped else 0 for n, m in zip(names, medians, strict=True)]
         highs = [max(r["total_s"] for r in grouped[(model, n)]) - m if (model, n) in grouped else 0 for n, m in zip(names, medians, strict=True)]
         requests = next(iter(grouped[(model, n)] for n in names if (model, n) in grouped))[0]["requests"]
         axis.bar(names, medians, yerr=[lows, highs], capsize=4, color=["#dd8452" if n.startswith("dynamic") else "#4c72b0" for n in names])
-        axis.tick_params(axis="x", labelsize=8)
+        axis.tick_params(axis="x", labelsize=8, labelrotation=15)
         axis.set_title(f"lab: {model}, {requests} requests")
         axis.set_ylabel("total seconds (median, min-max)")
     axis = axes[0][-1]

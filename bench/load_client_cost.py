@@ -119,7 +119,7 @@ def aiohttp_client(url: str, ca: str, body: bytes, requests: int, concurrency: i
                         failed += 1
                     done += 1
 
-            await asyncio.gather(*(client() for _ in range(concurrency)))
+            await asyncio.gather(*(client() for _client in range(concurrency)))
         return done, failed
 
     cpu, wall = cpu_seconds(), time.monotonic()
@@ -148,7 +148,7 @@ def locust_client(url: str, ca: str, body_bytes: int, requests: int, concurrency
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n", maxsplit=1)[0])
     parser.add_argument("--requests", type=int, default=3000)
     parser.add_argument("--concurrency", type=int, default=100)
     parser.add_argument("--body-bytes", type=int, default=20000, help="request body size (a 224x224 JPEG is about 20 kB)")
