@@ -187,6 +187,13 @@ class Lab:
     def workers(self) -> list[dict]:
         return [n for n in self.nodes() if n["role"] == "worker" and n["vmid"]]
 
+    def deployed_workers(self) -> int:
+        """The swarm's workers, 0 when the lab or its manager VM is not up yet (the scenario deploys it then)."""
+        try:
+            return len(self.workers())
+        except (AssertionError, SystemExit):
+            return 0
+
 
 # --- measurement ---------------------------------------------------------------------------------------------------
 
@@ -417,7 +424,7 @@ def deploy(lab: Lab, workers: int):
 
 
 def fixed(lab: Lab, args):
-    pool = len(lab.workers())
+    pool = lab.deployed_workers()
     if pool < max(args.workers):
         deploy(lab, max(args.workers))
     for repeat in range(args.repeats):
@@ -476,7 +483,7 @@ def shrink_pool(lab: Lab, model: str, workers: int):
 
 
 def dynamic(lab: Lab, args):
-    if not lab.workers():
+    if not lab.deployed_workers():
         deploy(lab, 2)
     for repeat in range(args.repeats):
         shrink_pool(lab, args.model, 2)
