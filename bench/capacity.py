@@ -66,6 +66,9 @@ class Lab:
         self.manager_address = self.gateway.rsplit(".", 1)[0] + ".10"
         self.cpulimit = cpulimit
         self.inventory = self.state / "bench" / "inventory"
+        # Every swarm query goes through the manager VM's container; finding it lists and inspects every VM, so it is
+        # looked up once (deploy() forgets it, the manager VM being created then).
+        self.manager: str | None = None
 
     def env(self, workers: int) -> dict:
         return {
@@ -114,9 +117,12 @@ class Lab:
         return {int(vmid): container for container, vmid in (line.split() for line in out.splitlines())}
 
     def manager_container(self) -> str:
+        if self.manager:
+            return self.manager
         for container in self.vm_containers().values():
             addresses = run(["docker", "inspect", "-f", "{{range .NetworkSettings.Networks}}{{.IPAddress}} {{end}}", container]).stdout.split()
             if self.manager_address in addresses:
+                self.manager = container
                 return container
         raise SystemExit(f"no VM of the lab {self.name} has the manager's address {self.manager_address}: run `bench/capacity.py deploy`")
 
@@ -419,6 +425,7 @@ def warm_up(lab: Lab, model: str, replicas: int):
 def deploy(lab: Lab, workers: int):
     """The lab (lab/up.sh, with the serving images and models) and site.yml with the bench inventory."""
     run(["lab/up.sh"], env={**os.environ, "MLFLEET_LAB_SERVING": "1"}, timeout=3600)
+    lab.manager = None
     seconds = lab.playbook("site.yml", workers)
     print(f"site.yml with {workers} workers of {lab.cpulimit} CPU: {seconds:.0f} s", flush=True)
 
