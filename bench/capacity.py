@@ -316,6 +316,18 @@ def cpu_breakdown(samples: list[dict], serving_vmids: set[int], manager_vmids: s
     return {name: round(value / seconds, 3) for name, value in cores.items()} | {"seconds": round(seconds, 1)}
 
 
+async def predict(session, url: str, body: bytes, headers: dict) -> tuple[int, str]:
+    """One prediction request: its HTTP status (0 when there was none) and the client-side error's name ('' if none)."""
+    import aiohttp
+
+    try:
+        async with session.post(url, data=body, headers=headers) as response:
+            await response.read()
+            return response.status, ""
+    except (TimeoutError, aiohttp.ClientError) as exc:
+        return 0, type(exc).__name__
+
+
 async def _load(url: str, token: str, ca_file: str, model: str, body: bytes, requests: int, concurrency: int, max_seconds: float) -> list[tuple]:
     import aiohttp
 
@@ -332,13 +344,7 @@ async def _load(url: str, token: str, ca_file: str, model: str, body: bytes, req
             while left > 0 and time.monotonic() < deadline:
                 left -= 1
                 started = time.time()
-                status, error = 0, ""
-                try:
-                    async with session.post(f"{url}/predictions/{model}", data=body, headers=headers) as response:
-                        await response.read()
-                        status = response.status
-                except (TimeoutError, aiohttp.ClientError) as exc:
-                    error = type(exc).__name__
+                status, error = await predict(session, f"{url}/predictions/{model}", body, headers)
                 records.append((round(started, 3), round(time.time() - started, 4), status, error))
 
         await asyncio.gather(*(client() for _client in range(concurrency)))
@@ -426,6 +432,12 @@ def deploy(lab: Lab, workers: int):
     """The lab (lab/up.sh, with the serving images and models) and site.yml with the bench inventory."""
     run(["lab/up.sh"], env={**os.environ, "MLFLEET_LAB_SERVING": "1"}, timeout=3600)
     lab.manager = None
+    if lab.deployed_workers():
+        # site.yml keeps the replica counts of existing services (the autoscaler owns them) and then classifies an
+        # image with every model: a model a scenario scaled to 0 has to serve again first.
+        for model in MODELS:
+            if not lab.running_tasks(model):
+                lab.scale(model, 1)
     seconds = lab.playbook("site.yml", workers)
     print(f"site.yml with {workers} workers of {lab.cpulimit} CPU: {seconds:.0f} s", flush=True)
 
