@@ -116,6 +116,12 @@ class Lab:
                    "--no-trunc", "--format", '{{.ID}} {{.Label "io.mlfleet.lab.vmid"}}']).stdout  # fmt: skip
         return {int(vmid): container for container, vmid in (line.split() for line in out.splitlines())}
 
+    def manager_vmids(self, nodes: list[dict]) -> set[int]:
+        """The running VMs that are no worker among `nodes` (Lab.nodes(), any state): the manager VM and any VM not
+        (yet) in the swarm."""
+        workers = {n["vmid"] for n in nodes if n["role"] == "worker"}
+        return {vmid for vmid in self.vm_containers() if vmid not in workers}
+
     def manager_container(self) -> str:
         if self.manager:
             return self.manager
@@ -384,18 +390,30 @@ def audit_time(event: dict) -> float:
     return datetime.fromisoformat(event["time"].replace("Z", "+00:00")).timestamp()
 
 
+def scale_events_since(since: float, state: Path, keys=("time", "action", "decision", "reason", "fields")) -> dict:
+    """The autoscaler's audit events from `since` (epoch seconds) on: "scale_events", each event's `keys`, for every
+    event but the runs that did not act, and "scale_runs_not_acted", how many did not."""
+    events = [e for e in audit_events(state) if audit_time(e) >= since]
+    return {
+        "scale_events": [{k: e.get(k) for k in keys} for e in events if e.get("decision") != "not_acted"],
+        "scale_runs_not_acted": sum(1 for e in events if e.get("decision") == "not_acted"),
+    }
+
+
 def commit() -> str:
     return run(["git", "rev-parse", "--short", "HEAD"], check=False).stdout.strip()
 
 
-def save(result: dict, records: list[tuple], samples: list[dict]):
+def save(result: dict, records: list[tuple], samples: list[dict], name: str | None = None, directory="capacity-requests", jsonl="capacity.jsonl"):
+    """Every request and sample to RESULTS/<directory>/<name>-<started>.json (name: <scenario>-<model> unless given),
+    and the result, with that file's path as "detail", appended to RESULTS/<jsonl>."""
     RESULTS.mkdir(parents=True, exist_ok=True)
-    name = f"{result['scenario']}-{result['model']}-{result['started'].replace(':', '')}"
-    detail = RESULTS / "capacity-requests"
-    detail.mkdir(exist_ok=True)
-    (detail / f"{name}.json").write_text(json.dumps({"requests": records, "samples": samples}))
-    result["detail"] = str((detail / f"{name}.json").relative_to(REPO_ROOT))
-    with (RESULTS / "capacity.jsonl").open("a") as output:
+    name = name or f"{result['scenario']}-{result['model']}"
+    detail = RESULTS / directory / f"{name}-{result['started'].replace(':', '')}.json"
+    detail.parent.mkdir(exist_ok=True)
+    detail.write_text(json.dumps({"requests": records, "samples": samples}))
+    result["detail"] = str(detail.relative_to(REPO_ROOT))
+    with (RESULTS / jsonl).open("a") as output:
         output.write(json.dumps(result) + "\n")
 
 
@@ -453,7 +471,7 @@ def fixed(lab: Lab, args):
             serving = {t["node"] for t in lab.running_tasks(args.model)}
             nodes = lab.nodes()
             serving_vmids = {n["vmid"] for n in nodes if n["hostname"] in serving or n["id"] in serving}
-            managers = {vmid for vmid in lab.vm_containers() if vmid not in {n["vmid"] for n in nodes if n["role"] == "worker"}}
+            managers = lab.manager_vmids(nodes)
             result = base_result(lab, args, "fixed") | {"workers": workers, "workers_label": str(workers), "repeat": repeat + 1}
             sampler = Sampler(lab, args.model, swarm=False)
             sampler.start()
@@ -508,8 +526,7 @@ def dynamic(lab: Lab, args):
         shrink_pool(lab, args.model, 2)
         lab.settle(args.model, 2)
         warm_up(lab, args.model, 2)
-        nodes = lab.nodes()
-        managers = {vmid for vmid in lab.vm_containers() if vmid not in {n["vmid"] for n in nodes if n["role"] == "worker"}}
+        managers = lab.manager_vmids(lab.nodes())
         result = base_result(lab, args, "dynamic") | {"repeat": repeat + 1, "autoscaler_overrides": args.pressure}
         log = lab.state / "bench" / "autoscaler.log"
         audit_from = time.time()
@@ -520,13 +537,12 @@ def dynamic(lab: Lab, args):
             sampler.stop()
         pools = [len(s.get("workers", [])) for s in sampler.samples if "workers" in s]
         served_on = set().union(*(set(s.get("workers", [])) for s in sampler.samples))
-        events = [e for e in audit_events(lab.state) if audit_time(e) >= audit_from]
+        scale = scale_events_since(audit_from, lab.state)
         result |= summarize(records) | {
             "workers_label": f"2-{max(pools, default=2)}",
             "workers_max": max(pools, default=2),
             "cpu_cores": cpu_breakdown(sampler.samples, served_on, managers),
-            "scale_events": [{k: e.get(k) for k in ("time", "action", "decision", "reason", "fields")} for e in events if e.get("decision") != "not_acted"],
-            "scale_runs_not_acted": sum(1 for e in events if e.get("decision") == "not_acted"),
+            **scale,
         }
         save(result, records, sampler.samples)
         print_result(result)

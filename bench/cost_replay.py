@@ -46,9 +46,9 @@ import capacity  # noqa: E402
 DAY = (("low", 9.0), ("peak", 6.0), ("low", 9.0))
 # The rulebook's serving_pressure windows (extensions/eda/rulebooks/autoscale.yml defaults, seconds) and the shortest
 # each may be scaled to: the event source polls the proxy every 2 s, so a window needs a few polls.
+PRESSURE_WINDOWS = {"out_for": (6, 4), "in_for": (60, 10), "repeat_after": (30, 10), "in_repeat_after": (300, 20)}
 # The error of an arrival the client did not send because --max-in-flight requests were already waiting.
 NOT_SENT = "client in-flight cap"
-PRESSURE_WINDOWS = {"out_for": (6, 4), "in_for": (60, 10), "repeat_after": (30, 10), "in_repeat_after": (300, 20)}
 
 
 def schedule(compression: float, rate_low: float, rate_peak: float) -> list[tuple[float, str]]:
@@ -133,13 +133,7 @@ def outcome(records: list[tuple]) -> dict:
 
 
 def save(name: str, result: dict, records: list[tuple], samples: list[dict]):
-    capacity.RESULTS.mkdir(parents=True, exist_ok=True)
-    detail = capacity.RESULTS / "cost-replay" / f"{name}-{result['started'].replace(':', '')}.json"
-    detail.parent.mkdir(exist_ok=True)
-    detail.write_text(json.dumps({"requests": records, "samples": samples}))
-    result["detail"] = str(detail.relative_to(capacity.REPO_ROOT))
-    with (capacity.RESULTS / "cost_replay.jsonl").open("a") as output:
-        output.write(json.dumps(result) + "\n")
+    capacity.save(result, records, samples, name=name, directory="cost-replay", jsonl="cost_replay.jsonl")
 
 
 def baseline(lab: capacity.Lab, args):
@@ -169,8 +163,7 @@ def replay(lab: capacity.Lab, args):
     settings = scaled_windows(args.compression)
     length = sum(hours for _phase, hours in DAY) * 3600 / args.compression
     print(f"replay: {len(arrivals)} requests over {length:.0f} s (compression {args.compression}); rulebook windows {settings}", flush=True)
-    nodes = lab.nodes()
-    managers = {vmid for vmid in lab.vm_containers() if vmid not in {n["vmid"] for n in nodes if n["role"] == "worker"}}
+    managers = lab.manager_vmids(lab.nodes())
     started = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     audit_from = time.time()
     with capacity.Autoscaler(lab.env(2), lab.state, lab.inventory, settings, lab.state / "bench" / "autoscaler.log"):
@@ -179,7 +172,7 @@ def replay(lab: capacity.Lab, args):
         records = asyncio.run(_open_loop(lab, args.model, arrivals, args.max_in_flight, args.request_timeout))
         sampler.stop()
     capacity.wait_for_autoscaler_runs(lab)
-    events = [e for e in capacity.audit_events(lab.state) if capacity.audit_time(e) >= audit_from]
+    scale = capacity.scale_events_since(audit_from, lab.state, keys=("time", "action", "decision", "reason"))
     samples = [s for s in sampler.samples if "workers" in s]
     worker_seconds = sum(len(s["workers"]) * (b["t"] - s["t"]) for s, b in zip(samples, samples[1:], strict=False))
     # What a cloud bill counts: a worker VM costs from its clone to its destruction, joined to the swarm or not.
@@ -196,8 +189,7 @@ def replay(lab: capacity.Lab, args):
         "windows_not_held": [w for w in per_window if not held([w], args.p95_target)], "worker_seconds": round(worker_seconds, 1),
         "baseline_worker_seconds": round(baseline_seconds, 1), "saving": round(1 - worker_seconds / baseline_seconds, 4),
         "worker_vm_seconds": round(vm_seconds, 1), "saving_vm": round(1 - vm_seconds / baseline_seconds, 4), "replay_s": round(measured, 1),
-        "scale_events": [{k: e.get(k) for k in ("time", "action", "decision", "reason")} for e in events if e.get("decision") != "not_acted"],
-        "scale_runs_not_acted": sum(1 for e in events if e.get("decision") == "not_acted"),
+        **scale,
         "ideal_saving": round(ideal_saving, 4), "cpulimit": lab.cpulimit, "commit": capacity.commit(), "started": started,
     } | outcome(records)  # fmt: skip
     save(f"replay-{args.model}", result, records, sampler.samples)
