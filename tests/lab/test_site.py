@@ -552,6 +552,14 @@ def test_a_scale_out_killed_after_the_clone_and_a_scale_in_killed_after_the_drai
     settings = {"services": {"resnet18": {"min": 2, "max": 8, "step": 6}}, "cooldown": {"scale_out": 0, "scale_in": 0, "scale_in_after_scale_out": 0},
                 "lease": {"path": str(site["state"] / "autoscale.lease"), "ttl": 15, "wait": 90}}  # fmt: skip
     vms_before = running_vm_vmids(lab)
+    # A serving_pressure event whose backlog drains within workers.time_to_serve clones nothing, and says why.
+    draining = {"source": "serving_pressure", "action": "scale_out", "service": "resnet18", "received_at": time.time(),
+                "values": {"backlog": 120, "backlog_trend": -2.5, "trend_s": 30.0, "drain_s": 41.6}}  # fmt: skip
+    output = finish(scale_playbook(site, "scale_out", settings | {"workers": {"time_to_serve": 60}}, ansible_eda={"event": draining}))
+    held = [e for e in audit_events(site["state"], kind="scale", service="resnet18") if e["values"].get("drain_s") == 41.6]
+    assert [(e["action"], e["decision"], e["source"]) for e in held] == [("scale_out", "not_acted", "serving_pressure")], held
+    assert "no new VMs: the backlog of 120 requests falls by 2.5/s and is down in about 42 s" in held[0]["reason"], held[0]["reason"]
+    assert running_vm_vmids(lab) == vms_before, output[-3000:]
     scale_out = scale_playbook(site, "scale_out", settings, scale_service="resnet18")
     output = kill_when(scale_out, "a new VM running", lambda: running_vm_vmids(lab) - vms_before, 300)
     assert "Clone, start and address the new worker VMs" in output

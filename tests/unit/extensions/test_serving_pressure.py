@@ -42,7 +42,10 @@ StatsRow = sp.StatsRow
 LOGGER = "mlfleet.serving.serving_pressure"
 STATS_TOKEN = "stats-token-4f1c9e2a7d"
 EVENT_KEYS = {"action", "status", "service", "cluster", "alertname", "labels", "values", "fingerprint", "startsAt", "source", "received_at"}
-VALUE_KEYS = {"servers_up", "inflight", "queued", "per_server", "rtime_ms", "qtime_ms", "rate", "errors_5xx", "window_s", "held_s"}
+VALUE_KEYS = {
+    *("servers_up", "inflight", "queued", "per_server", "rtime_ms", "qtime_ms", "rate", "errors_5xx", "window_s", "held_s"),
+    *("backlog", "backlog_trend", "trend_s", "drain_s"),
+}
 T0 = 1_800_000_000.0
 
 
@@ -185,6 +188,11 @@ def test_scale_out_after_out_for_with_the_normalised_shape():
         "errors_5xx": 0,
         "window_s": 6.0,
         "held_s": 6.0,
+        # 8 s of polls do not span trend_for (30 s): no trend yet.
+        "backlog": 10,
+        "backlog_trend": 0.0,
+        "trend_s": 0.0,
+        "drain_s": -1.0,
     }
 
 
@@ -308,6 +316,65 @@ def test_reset_after_a_failed_poll_restarts_every_window():
     assert seconds(events) == [16]
 
 
+def falling(start, stop, per_server_at_start, fall_per_s, up=4):
+    """Polls every 2 s whose backlog falls by fall_per_s requests a second."""
+    return [(second, poll_rows(per_server=(per_server_at_start * up - fall_per_s * (second - start)) / up, up=up)) for second in range(start, stop, 2)]
+
+
+def test_a_falling_backlog_says_when_it_drains():
+    # 4 servers, backlog 200 falling 2/s: at t=56 it is 88, 72 above what 4 servers carry below out_threshold (16).
+    events = run(sp.PressureTracker(out_for=6, repeat_after=0), falling(0, 58, 50.0, 2.0))
+    values = events[-1][1]["values"]
+    assert events[-1][0] == 56
+    assert (values["backlog"], values["backlog_trend"], values["trend_s"]) == (88, -2.0, 30.0)
+    assert values["drain_s"] == 36.0
+
+
+def test_the_trend_needs_trend_for_seconds_of_polls():
+    events = run(sp.PressureTracker(out_for=6, repeat_after=0, trend_for=20), falling(0, 40, 50.0, 2.0))
+    by_second = {second: event["values"] for second, event in events}
+    # Events at 8, 14, 20, ...: the polls span 20 s from t=20 on.
+    assert [(second, by_second[second]["drain_s"]) for second in (8, 14)] == [(8, -1.0), (14, -1.0)]
+    assert (by_second[20]["trend_s"], by_second[20]["backlog_trend"], by_second[20]["drain_s"]) == (20.0, -2.0, (200 - 40 - 16) / 2)
+    assert by_second[38]["trend_s"] == 20.0, "older polls are dropped"
+
+
+@pytest.mark.parametrize(
+    ("schedule", "why"),
+    [
+        (every(0, 62, 2, poll_rows(per_server=8.0)), "a steady backlog never drains by itself"),
+        ([(second, poll_rows(per_server=5.0 + second / 10)) for second in range(0, 62, 2)], "a rising backlog"),
+        ([(second, poll_rows(per_server=40 - second // 2, queued=40 - second // 2, up=0, down=2)) for second in range(0, 62, 2)], "no server up"),
+    ],
+)
+def test_drain_s_is_minus_one_unless_the_backlog_falls_on_servers(schedule, why):
+    events = run(sp.PressureTracker(out_for=6, repeat_after=0), schedule)
+    assert events, why
+    assert events[-1][1]["values"]["trend_s"] == 30.0, why
+    assert {event["values"]["drain_s"] for event in payloads(events)} == {-1.0}, why
+
+
+def test_a_noisy_fall_is_read_by_its_slope_not_its_ends():
+    # Falling 1/s, with the first poll of the 20 s trend 10 low and the last 10 high: the ends alone say it is flat.
+    noise = {12: -10, 32: 10}
+    schedule = [(second, poll_rows(per_server=(100 - second + noise.get(second, 0)) / 2)) for second in range(0, 34, 2)]
+    event = payloads(run(sp.PressureTracker(out_for=6, repeat_after=0, trend_for=20), schedule))[-1]
+    assert (event["received_at"] - T0, event["values"]["trend_s"], event["values"]["backlog"]) == (32, 20.0, 78)
+    # Least squares over 11 polls: -1 + (10 * 10 + 10 * 10) / 440.
+    assert event["values"]["backlog_trend"] == round(-1 + 200 / 440, 3)
+    assert event["values"]["drain_s"] == round((78 - 8) / (1 - 200 / 440), 1)
+
+
+def test_reset_and_a_vanished_backend_forget_the_trend():
+    tracker = sp.PressureTracker(out_for=6, repeat_after=0)
+    run(tracker, falling(0, 40, 50.0, 2.0))
+    tracker.reset()
+    assert {event["values"]["trend_s"] for event in payloads(run(tracker, falling(40, 62, 50.0, 2.0)))} == {0.0}
+    tracker = sp.PressureTracker(out_for=6, repeat_after=0)
+    run(tracker, falling(0, 40, 50.0, 2.0) + [(40, poll_rows(service="other"))])
+    assert {event["values"]["drain_s"] for event in payloads(run(tracker, falling(42, 62, 50.0, 2.0)))} == {-1.0}
+
+
 def test_reset_keeps_repeat_after():
     tracker = sp.PressureTracker(out_for=0)
     assert seconds(run(tracker, every(0, 4, 2, poll_rows(per_server=9.0)))) == [2]
@@ -362,6 +429,7 @@ def test_defaults():
     assert (settings.interval, settings.timeout, settings.stats_path, settings.urls) == (2.0, 3.0, "/stats;csv", ["https://127.0.0.1:8404"])
     assert (tracker.out_threshold, tracker.out_queue, tracker.out_for) == (4.0, 0, 6.0)
     assert (tracker.in_threshold, tracker.in_for, tracker.repeat_after, tracker.in_repeat_after) == (0.5, 60.0, 30.0, 300.0)
+    assert tracker.trend_for == 30.0
     assert (tracker.services, tracker.ignore_backends, tracker.cluster) == (None, ["stats"], None)
     assert settings.ssl_context.verify_mode.name == "CERT_REQUIRED" and settings.ssl_context.check_hostname
     assert STATS_TOKEN not in repr(settings)
@@ -405,6 +473,7 @@ def test_empty_strings_are_unset_as_rulebook_defaults_render_them():
         (base_args(url="https://user:pw@10.0.0.1:8404"), "argument 'url' must not carry credentials"),
         (base_args(url="ftp://10.0.0.1"), "argument 'url' must be an http(s) URL"),
         (base_args(interval=0), "argument 'interval' must be > 0 seconds"),
+        (base_args(trend_for=0), "argument 'trend_for' must be > 0 seconds"),
         (base_args(interval="often"), "argument 'interval' must be a number, got 'often'"),
         (base_args(out_for=True), "argument 'out_for' must be a number"),
         (base_args(out_queue=1.5), "argument 'out_queue' must be a whole number"),

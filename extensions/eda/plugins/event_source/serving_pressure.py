@@ -15,8 +15,10 @@ import logging
 import math
 import os
 import ssl
+import statistics
 import sys
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -35,6 +37,11 @@ description:
     C(inflight) (sessions on those servers), C(queued) (the backend's queue), C(per_server) = (inflight + queued) /
     max(servers_up, 1), C(rtime_ms) and C(qtime_ms) (average response and queue time of the last 1024 requests),
     C(rate) (sessions per second) and C(errors_5xx) (5xx answers since the previous poll)."
+  - "The backlog's trend: C(backlog) = inflight + queued; C(backlog_trend) (requests per second, negative while it falls),
+    the least-squares slope of the backlog over the polls of the last O(trend_for) seconds; and C(drain_s), the seconds
+    until the backlog, falling at that rate, is down to what the servers up carry below O(out_threshold), or -1 when it
+    is not falling, no server is up, or the polls do not span O(trend_for) seconds yet. A scale-out that clones VMs reads
+    C(drain_s): capacity that comes after the backlog is gone only costs (the scale playbooks' C(workers.time_to_serve))."
   - "Overloaded: per_server >= O(out_threshold), or queued > O(out_queue), or no server up while requests wait.
     Idle: per_server <= O(in_threshold), nothing queued, and at least one server up (a service with no task up has
     nothing to remove)."
@@ -46,7 +53,7 @@ description:
   - "Every event has this shape: C(action) (V(scale_out) or V(scale_in)), C(status) (V(firing)), C(service), C(cluster),
     C(alertname) (V(ServingPressureHigh) or V(ServingPressureLow)), C(labels) (action, service and, when set, cluster),
     C(values) (the figures above, plus C(window_s), the window that was met, and C(held_s), for how long the condition has
-    held), C(fingerprint) (the first 16 hex digits of the SHA-256 of C(serving_pressure:<service>:<action>)),
+    held, and C(trend_s), the seconds the trend spans), C(fingerprint) (the first 16 hex digits of the SHA-256 of C(serving_pressure:<service>:<action>)),
     C(startsAt) (RFC 3339, when the condition began), C(source) (V(serving_pressure)) and C(received_at) (epoch seconds)."
 author:
   - mlfleet.serving maintainers (@mlfleet)
@@ -126,6 +133,12 @@ options:
       - Seconds a service must stay idle before a C(scale_in) event.
     type: float
     default: 60
+  trend_for:
+    description:
+      - Seconds of polls over which the backlog's trend (C(backlog_trend), C(drain_s)) is measured. Longer is steadier and
+        slower to see a change.
+    type: float
+    default: 30
   repeat_after:
     description:
       - At most one C(scale_out) event per service per this many seconds.
@@ -278,8 +291,12 @@ class BackendFigures:
     hrsp_5xx: int
 
     @property
+    def backlog(self) -> int:
+        return self.inflight + self.queued
+
+    @property
     def per_server(self) -> float:
-        return (self.inflight + self.queued) / max(self.servers_up, 1)
+        return self.backlog / max(self.servers_up, 1)
 
 
 def backend_figures(rows: list[StatsRow]) -> dict[str, BackendFigures]:
@@ -324,6 +341,47 @@ class _Window:
     last_event: float | None = None
 
 
+@dataclass(frozen=True)
+class Trend:
+    """How a backend's backlog moves: requests per second (negative while it falls) over span_s seconds of polls."""
+
+    per_s: float
+    span_s: float
+
+
+class BacklogHistory:
+    """A backend's backlog over the last ``trend_for`` seconds of polls, plus the newest poll at or before that bound."""
+
+    def __init__(self, trend_for: float) -> None:
+        self.trend_for = trend_for
+        self.samples: deque[tuple[float, int]] = deque()
+
+    def add(self, now: float, backlog: int) -> None:
+        self.samples.append((now, backlog))
+        # Keep one poll at or before the bound, so that a full history spans at least trend_for seconds.
+        while len(self.samples) > 2 and self.samples[1][0] <= now - self.trend_for:
+            self.samples.popleft()
+
+    def trend(self) -> Trend | None:
+        """The least-squares slope of the backlog, once the polls span trend_for seconds (None before)."""
+        if len(self.samples) < 2:
+            return None
+        span = self.samples[-1][0] - self.samples[0][0]
+        if span < self.trend_for or span <= 0:
+            return None
+        times = [when - self.samples[0][0] for when, _backlog in self.samples]
+        backlogs = [backlog for _when, backlog in self.samples]
+        return Trend(per_s=statistics.linear_regression(times, backlogs).slope, span_s=span)
+
+
+def drain_seconds(figures: BackendFigures, trend: Trend | None, out_threshold: float) -> float:
+    """Seconds until the backlog, at its trend, is down to what the servers up carry below out_threshold; -1 if never."""
+    if trend is None or trend.per_s >= 0 or figures.servers_up == 0:
+        return -1.0
+    excess = max(figures.backlog - out_threshold * figures.servers_up, 0.0)
+    return excess / -trend.per_s
+
+
 @dataclass
 class PressureTracker:
     """The decisions, free of I/O and clocks: feed it every poll's rows with the poll's time, get the events to emit."""
@@ -335,11 +393,13 @@ class PressureTracker:
     in_for: float = 60.0
     repeat_after: float = 30.0
     in_repeat_after: float = 300.0
+    trend_for: float = 30.0
     services: list[str] | None = None
     ignore_backends: list[str] = field(default_factory=lambda: ["stats"])
     cluster: str | None = None
     _windows: dict[tuple[str, str], _Window] = field(default_factory=dict, init=False, repr=False)
     _previous: dict[str, BackendFigures] = field(default_factory=dict, init=False, repr=False)
+    _histories: dict[str, BacklogHistory] = field(default_factory=dict, init=False, repr=False)
     _missing_reported: set[str] = field(default_factory=set, init=False, repr=False)
 
     def watched(self, name: str, figures: BackendFigures) -> bool:
@@ -352,6 +412,7 @@ class PressureTracker:
     def reset(self) -> None:
         """Forget what the polls so far saw (after a failed poll), keeping when each event was last emitted."""
         self._previous = {}
+        self._histories = {}
         for window in self._windows.values():
             window.began = window.counting_from = None
 
@@ -362,6 +423,8 @@ class PressureTracker:
         events = []
         for name in sorted(current):
             figures = current[name]
+            history = self._histories.setdefault(name, BacklogHistory(self.trend_for))
+            history.add(now, figures.backlog)
             previous = self._previous.get(name)
             if previous is None or not self.watched(name, figures):
                 continue
@@ -373,11 +436,13 @@ class PressureTracker:
             for action, holds, window_s in ((SCALE_OUT, overloaded, self.out_for), (SCALE_IN, idle, self.in_for)):
                 began = self._step(name, action, holds, window_s, now)
                 if began is not None:
-                    values = _values(figures, errors) | {"window_s": window_s, "held_s": round(now - began, 3)}
+                    values = _values(figures, errors, history.trend(), self.out_threshold) | {"window_s": window_s, "held_s": round(now - began, 3)}
                     events.append(self._event(name, action, began, now, values))
         for (name, _action), window in self._windows.items():
             if name not in current:
                 window.began = window.counting_from = None
+        for name in set(self._histories) - set(current):
+            del self._histories[name]
         self._previous = current
         return events
 
@@ -427,7 +492,7 @@ class PressureTracker:
                 logger.warning("serving_pressure: service %r (from services) is not a backend with servers in the proxy's stats; those are: %s", name, known)
 
 
-def _values(figures: BackendFigures, errors_5xx: int) -> dict[str, int | float]:
+def _values(figures: BackendFigures, errors_5xx: int, trend: Trend | None, out_threshold: float) -> dict[str, int | float]:
     return {
         "servers_up": figures.servers_up,
         "inflight": figures.inflight,
@@ -437,6 +502,10 @@ def _values(figures: BackendFigures, errors_5xx: int) -> dict[str, int | float]:
         "qtime_ms": figures.qtime_ms,
         "rate": figures.rate,
         "errors_5xx": errors_5xx,
+        "backlog": figures.backlog,
+        "backlog_trend": round(trend.per_s, 3) if trend else 0.0,
+        "trend_s": round(trend.span_s, 3) if trend else 0.0,
+        "drain_s": round(drain_seconds(figures, trend, out_threshold), 1),
     }
 
 
@@ -459,6 +528,7 @@ ARGUMENTS: dict[str, tuple[str, Any]] = {
     "in_for": ("number", 60.0),
     "repeat_after": ("number", 30.0),
     "in_repeat_after": ("number", 300.0),
+    "trend_for": ("number", 30.0),
     "services": ("list", None),
     "ignore_backends": ("list", ("stats",)),
     "cluster": ("str", None),
@@ -556,7 +626,7 @@ def parse_args(args: dict[str, Any]) -> Settings:
     # An empty string is "not set": rulebooks pass optional values as "{{ var | default('') }}".
     given = {name: _convert(name, ARGUMENTS[name][0], value) for name, value in args.items() if name in ARGUMENTS and value is not None and value != ""}
     values = {name: given.get(name, default) for name, (_kind, default) in ARGUMENTS.items()}
-    for name in ("timeout", "interval"):
+    for name in ("timeout", "interval", "trend_for"):
         if values[name] <= 0:
             raise _arg_error(name, f"must be > 0 seconds, got {values[name]:g}")
     for name in ("out_for", "in_for", "repeat_after", "in_repeat_after", "in_threshold", "out_queue"):
@@ -598,6 +668,7 @@ def parse_args(args: dict[str, Any]) -> Settings:
         in_for=values["in_for"],
         repeat_after=values["repeat_after"],
         in_repeat_after=values["in_repeat_after"],
+        trend_for=values["trend_for"],
         services=values["services"],
         ignore_backends=list(values["ignore_backends"]),
         cluster=values["cluster"],
