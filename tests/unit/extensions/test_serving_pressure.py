@@ -375,6 +375,91 @@ def test_reset_and_a_vanished_backend_forget_the_trend():
     assert {event["values"]["drain_s"] for event in payloads(run(tracker, falling(42, 62, 50.0, 2.0)))} == {-1.0}
 
 
+def test_an_event_due_during_the_lease_is_held_back_and_goes_out_after_it():
+    tracker = sp.PressureTracker()
+    busy = poll_rows(per_server=8.0)
+    events = [(second, event) for second in range(0, 40, 2) for event in tracker.observe(busy, T0 + second, hold=8 <= second < 30)]
+    # Due at 8 (window from 2, out_for 6); held back until the lease is gone at 30, then out at once, not a window later.
+    assert seconds(events) == [30]
+    assert events[0][1]["values"]["held_s"] == 28.0
+    assert tracker.held_back == []
+    tracker.observe(busy, T0 + 40, hold=True)
+    assert tracker.held_back == [], "repeat_after (30 s) counts from the event at 30: nothing is due at 40"
+    tracker.observe(busy, T0 + 60, hold=True)
+    assert tracker.held_back == [("resnet18", "scale_out")]
+
+
+def test_an_event_held_back_is_dropped_when_its_condition_has_passed():
+    tracker = sp.PressureTracker()
+    # The whole window passes under the lease; the condition breaks just after it: nothing goes out.
+    schedule = [(second, poll_rows(per_server=8.0 if second < 20 else 1.0)) for second in range(0, 30, 2)]
+    assert [e for second, rows in schedule for e in tracker.observe(rows, T0 + second, hold=second < 20)] == []
+
+
+@pytest.fixture
+def lease_module():
+    sys.path.insert(0, str(Path(__file__).parents[2] / "lab"))
+    try:
+        from autoscale_support import load_lease_module
+    finally:
+        sys.path.pop(0)
+    return load_lease_module()
+
+
+def test_live_lease_reads_the_playbooks_lease_file(tmp_path, lease_module):
+    path = tmp_path / "autoscale.lease"
+    assert sp.live_lease(str(path), time.time()) is None, "no file: no lease"
+    lease = lease_module.LeaseFile(str(path))
+    lease.try_acquire("ctl:4242:beef", ttl=60, reason="scale_out resnet18 from serving_pressure")
+    holder, description = sp.live_lease(str(path), time.time())
+    assert holder == "ctl:4242:beef"
+    assert description.startswith("ctl:4242:beef (scale_out resnet18 from serving_pressure), for ")
+    assert sp.live_lease(str(path), time.time() + 61) is None, "an expired lease holds nothing"
+    lease.release("ctl:4242:beef", acted=["resnet18:scale_out"])
+    assert sp.live_lease(str(path), time.time()) is None, "a lease given back holds nothing"
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("{not json", "cannot read the lease file"),
+        ('{"version": 1}', "no 'lease' key"),
+        ('["lease"]', "no 'lease' key"),
+        ('{"lease": {"holder": "x"}}', "no lease.expires_at"),
+    ],
+)
+def test_a_lease_file_that_is_not_a_lease_is_named(tmp_path, content, message):
+    path = tmp_path / "autoscale.lease"
+    path.write_text(content)
+    with pytest.raises(sp.LeaseReadError, match=message.replace(".", r"\.")) as caught:
+        sp.live_lease(str(path), time.time())
+    assert str(path) in str(caught.value)
+
+
+def test_main_holds_events_back_while_the_lease_is_held(stub, tmp_path, caplog, lease_module):
+    caplog.set_level(logging.INFO, logger=LOGGER)
+    path = tmp_path / "autoscale.lease"
+    lease = lease_module.LeaseFile(str(path))
+    lease.try_acquire("ctl:1:cafe", ttl=60, reason="scale_out densenet161 from serving_pressure")
+    steps = [(0.8, lambda: lease.release("ctl:1:cafe"))]
+    events = asyncio.run(run_source({"url": stub.url, "lease_file": str(path)} | FAST, 1.2, steps))
+    assert events, "the event goes out once the lease is given back"
+    assert events[0][0] >= 0.8
+    held = [r.getMessage() for r in source_records(caplog) if "held back" in r.getMessage()]
+    assert held == ["serving_pressure: scale_out for resnet18 held back while a scale action holds the lease: "
+                    + held[0].split("lease: ", 1)[1]], held  # fmt: skip
+    assert "ctl:1:cafe (scale_out densenet161 from serving_pressure)" in held[0]
+
+
+def test_main_ignores_a_broken_lease_file_and_says_so(stub, tmp_path, caplog):
+    path = tmp_path / "autoscale.lease"
+    path.write_text("garbage")
+    events = asyncio.run(run_source({"url": stub.url, "lease_file": str(path)} | FAST, 0.6))
+    assert events, "a lease file that cannot be read holds nothing back"
+    warnings = [r.getMessage() for r in source_records(caplog) if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and f"cannot read the lease file {path}" in warnings[0] and "not held back" in warnings[0], warnings
+
+
 def test_reset_keeps_repeat_after():
     tracker = sp.PressureTracker(out_for=0)
     assert seconds(run(tracker, every(0, 4, 2, poll_rows(per_server=9.0)))) == [2]

@@ -47,6 +47,9 @@ description:
     nothing to remove)."
   - After an event, the condition must hold for its whole window again, and at most one event per service and action is
     emitted per O(repeat_after) seconds, so a long burst keeps asking, slowly.
+  - "With O(lease_file), an event that falls due while a scale action holds the scale playbooks' lease is held back, not
+    dropped: its window stays met, and it goes out at the first poll after the lease is given back (or expires) if the
+    condition still holds. A run started during the lease would only be turned away by it."
   - A failed poll (refused connection, timeout, TLS error, HTTP 401, malformed CSV) is logged as a warning without the
     token and never produces a scale event; after it, every window starts again. A backend that was not in the previous
     poll is only observed, never acted on. Backends without servers (such as the proxy's C(no_such_model)) are skipped.
@@ -166,6 +169,13 @@ options:
     description:
       - The cluster name put in the events' C(cluster) and C(labels.cluster).
     type: str
+  lease_file:
+    description:
+      - The scale playbooks' lease file on this host (the inventory's C(mlfleet_autoscale.lease.path)). While a scale
+        action holds a live lease in it, due events are held back (see above). A missing file means no lease; a file that
+        cannot be read or is not the lease's JSON is reported (once a minute) and ignored, since the playbooks' lease
+        still keeps to one action at a time.
+    type: path
 """
 
 EXAMPLES = r"""
@@ -180,6 +190,7 @@ EXAMPLES = r"""
         ca_file: /etc/mlfleet/edge-proxy-ca.pem
         cluster: lab
         services: [resnet18, densenet161]
+        lease_file: /home/mlops/.local/share/mlfleet/lab-autoscale.lease
   rules:
     - name: Scale out
       condition: event.action == "scale_out"
@@ -209,6 +220,36 @@ class StatsFormatError(ValueError):
 
 class PollError(Exception):
     """No proxy answered with statistics."""
+
+
+class LeaseReadError(Exception):
+    """The lease file exists but cannot be read as the scale playbooks' lease."""
+
+
+def live_lease(path: str, now: float) -> tuple[str, str] | None:
+    """Who holds the scale playbooks' lease in ``path`` at ``now`` (epoch seconds), and a description with why and for
+    how long; None when nobody does.
+
+    The playbooks replace the file atomically, so a read without their lock sees a whole file.
+    """
+    try:
+        with open(path, encoding="utf-8") as handle:
+            data = json.load(handle)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        raise LeaseReadError(f"cannot read the lease file {path}: {exc}") from None
+    if not isinstance(data, dict) or "lease" not in data:
+        raise LeaseReadError(f"the lease file {path} is not the scale playbooks' lease (no 'lease' key); is lease_file mlfleet_autoscale.lease.path?")
+    lease = data["lease"]
+    if lease is None:
+        return None
+    if not isinstance(lease, dict) or not isinstance(lease.get("expires_at"), int | float):
+        raise LeaseReadError(f"the lease file {path} is not the scale playbooks' lease (no lease.expires_at); is lease_file mlfleet_autoscale.lease.path?")
+    if lease["expires_at"] <= now:
+        return None
+    holder = str(lease.get("holder", "?"))
+    return holder, f"{holder} ({lease.get('reason') or 'no reason given'}), for {lease['expires_at'] - now:.0f} s more at most"
 
 
 @dataclass(frozen=True)
@@ -401,6 +442,8 @@ class PressureTracker:
     _previous: dict[str, BackendFigures] = field(default_factory=dict, init=False, repr=False)
     _histories: dict[str, BacklogHistory] = field(default_factory=dict, init=False, repr=False)
     _missing_reported: set[str] = field(default_factory=set, init=False, repr=False)
+    # The service+action pairs whose event the last observe() held back.
+    held_back: list[tuple[str, str]] = field(default_factory=list, init=False, repr=False)
 
     def watched(self, name: str, figures: BackendFigures) -> bool:
         if figures.servers == 0:
@@ -416,8 +459,12 @@ class PressureTracker:
         for window in self._windows.values():
             window.began = window.counting_from = None
 
-    def observe(self, rows: list[StatsRow], now: float) -> list[dict[str, Any]]:
-        """Take one poll's rows, seen at ``now`` (epoch seconds); return the events it causes."""
+    def observe(self, rows: list[StatsRow], now: float, hold: bool = False) -> list[dict[str, Any]]:
+        """Take one poll's rows, seen at ``now`` (epoch seconds); return the events it causes.
+
+        ``hold``: a scale action is running; an event that falls due is not emitted and stays due (see held_back).
+        """
+        self.held_back = []
         current = backend_figures(rows)
         self._report_missing(current)
         events = []
@@ -434,7 +481,7 @@ class PressureTracker:
             overloaded = stranded or figures.per_server >= self.out_threshold or figures.queued > self.out_queue
             idle = figures.servers_up > 0 and figures.per_server <= self.in_threshold and figures.queued == 0
             for action, holds, window_s in ((SCALE_OUT, overloaded, self.out_for), (SCALE_IN, idle, self.in_for)):
-                began = self._step(name, action, holds, window_s, now)
+                began = self._step(name, action, holds, window_s, now, hold)
                 if began is not None:
                     values = _values(figures, errors, history.trend(), self.out_threshold) | {"window_s": window_s, "held_s": round(now - began, 3)}
                     events.append(self._event(name, action, began, now, values))
@@ -446,7 +493,7 @@ class PressureTracker:
         self._previous = current
         return events
 
-    def _step(self, service: str, action: str, holds: bool, window_s: float, now: float) -> float | None:
+    def _step(self, service: str, action: str, holds: bool, window_s: float, now: float, hold: bool = False) -> float | None:
         """Advance one service+action's window; when an event is due, return since when its condition holds."""
         window = self._windows.setdefault((service, action), _Window())
         if not holds:
@@ -458,6 +505,9 @@ class PressureTracker:
             return None
         repeat_after = self.in_repeat_after if action == SCALE_IN else self.repeat_after
         if window.last_event is not None and now - window.last_event < repeat_after:
+            return None
+        if hold:
+            self.held_back.append((service, action))
             return None
         window.last_event = now
         # Re-arm: the next event of this action needs the condition to hold for a whole window from here.
@@ -532,6 +582,7 @@ ARGUMENTS: dict[str, tuple[str, Any]] = {
     "services": ("list", None),
     "ignore_backends": ("list", ("stats",)),
     "cluster": ("str", None),
+    "lease_file": ("path", None),
 }
 BOOL_WORDS = {"true": True, "yes": True, "on": True, "1": True, "false": False, "no": False, "off": False, "0": False}
 
@@ -581,6 +632,7 @@ class Settings:
     timeout: float
     interval: float
     tracker: PressureTracker
+    lease_file: str | None = None
 
 
 def _check_url(url: str, name: str, with_token: bool) -> str:
@@ -681,6 +733,7 @@ def parse_args(args: dict[str, Any]) -> Settings:
         timeout=values["timeout"],
         interval=values["interval"],
         tracker=tracker,
+        lease_file=values["lease_file"],
     )
 
 
@@ -720,6 +773,38 @@ async def poll(session: aiohttp.ClientSession, settings: Settings, order: list[s
     raise PollError("; ".join(problems))
 
 
+class LeaseWatch:
+    """Reads the lease file for main() and logs what it holds back: once per service, action and lease holder."""
+
+    def __init__(self, path: str | None) -> None:
+        self.path = path
+        self.lease: tuple[str, str] | None = None
+        self.reported: set[tuple[str, str, str]] = set()
+        self.last_problem: tuple[str, float] | None = None
+
+    def held(self, now: float) -> bool:
+        if self.path is None:
+            return False
+        try:
+            self.lease = live_lease(self.path, time.time())
+        except LeaseReadError as exc:
+            self.lease = None
+            if self.last_problem is None or self.last_problem[0] != str(exc) or now - self.last_problem[1] >= 60:
+                logger.warning("serving_pressure: %s; events are not held back", exc)
+                self.last_problem = (str(exc), now)
+            return False
+        self.last_problem = None
+        if self.lease is None:
+            self.reported.clear()
+        return self.lease is not None
+
+    def report(self, held_back: list[tuple[str, str]], now: float) -> None:
+        for service, action in held_back:
+            if self.lease is not None and (service, action, self.lease[0]) not in self.reported:
+                self.reported.add((service, action, self.lease[0]))
+                logger.info("serving_pressure: %s for %s held back while a scale action holds the lease: %s", action, service, self.lease[1])
+
+
 def _clock():
     """Epoch seconds that never jump with the wall clock (the windows are measured with it)."""
     wall, mono = time.time(), time.monotonic()
@@ -734,6 +819,7 @@ async def main(queue: asyncio.Queue[Any], args: dict[str, Any]) -> None:
     order = list(settings.urls)
     failures = consecutive_failures = 0
     last_warning: tuple[str, float] | None = None
+    lease_watch = LeaseWatch(settings.lease_file)
     logger.info("serving_pressure: polling %s every %gs", ", ".join(u + settings.stats_path for u in settings.urls), settings.interval)
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=settings.timeout)) as session:
         try:
@@ -754,7 +840,9 @@ async def main(queue: asyncio.Queue[Any], args: dict[str, Any]) -> None:
                     if consecutive_failures:
                         logger.info("serving_pressure: %s answers again after %d failed polls; windows start again", order[0], consecutive_failures)
                         consecutive_failures, last_warning = 0, None
-                    for event in tracker.observe(rows, started):
+                    events = tracker.observe(rows, started, hold=lease_watch.held(started))
+                    lease_watch.report(tracker.held_back, started)
+                    for event in events:
                         event["received_at"] = time.time()
                         logger.info("serving_pressure: %s for %s: %s", event["action"], event["service"], event["values"])
                         await queue.put(event)
