@@ -390,13 +390,29 @@ def audit_time(event: dict) -> float:
     return datetime.fromisoformat(event["time"].replace("Z", "+00:00")).timestamp()
 
 
+# Why a scale run did not act, from the words of its audit reason (playbooks/scale.yml, swarm_scale_plan), first match.
+NOT_ACTED_BECAUSE = (
+    ("lease", "holds the lease"),
+    ("cooldown", "cooling down"),
+    ("held_vms_backlog_draining", "no new VMs: the backlog"),
+    ("stale_event", "s old (more than max_event_age"),
+    ("at_bound", ""),
+)
+
+
 def scale_events_since(since: float, state: Path, keys=("time", "action", "decision", "reason", "fields")) -> dict:
     """The autoscaler's audit events from `since` (epoch seconds) on: "scale_events", each event's `keys`, for every
-    event but the runs that did not act, and "scale_runs_not_acted", how many did not."""
+    event but the runs that did not act, "scale_runs_not_acted", how many did not, and "not_acted_because", those
+    counted by reason (NOT_ACTED_BECAUSE; at_bound is the rest: at a minimum or maximum, nothing to do)."""
     events = [e for e in audit_events(state) if audit_time(e) >= since]
+    not_acted = [e for e in events if e.get("decision") == "not_acted"]
+    because = dict.fromkeys((name for name, _words in NOT_ACTED_BECAUSE), 0)
+    for event in not_acted:
+        because[next(name for name, words in NOT_ACTED_BECAUSE if words in event.get("reason", ""))] += 1
     return {
         "scale_events": [{k: e.get(k) for k in keys} for e in events if e.get("decision") != "not_acted"],
-        "scale_runs_not_acted": sum(1 for e in events if e.get("decision") == "not_acted"),
+        "scale_runs_not_acted": len(not_acted),
+        "not_acted_because": because,
     }
 
 

@@ -261,7 +261,9 @@ def report(_lab, _args):
               f"{run['not_sent']} not sent): "
               f"saving {100 * run['saving']:.1f}% in swarm worker-seconds, {100 * run['saving_vm']:.1f}% in worker VM-seconds, ideal "
               f"{100 * run['ideal_saving']:.1f}%; p95 target {run['p95_target_s']} s missed in {len(run['windows_not_held'])} of "
-              f"{len(run['windows'])} windows")  # fmt: skip
+              f"{len(run['windows'])} windows; {run['scale_runs_not_acted']} scale runs did not act"
+              + (f" ({', '.join(f'{why} {count}' for why, count in run['not_acted_because'].items())})" if "not_acted_because" in run else "")
+              + f"; commit {run['commit']}")  # fmt: skip
     if replays:
         path = capacity.REPO_ROOT / "bench" / f"cost_replay_{replays[-1]['model']}.png"
         plot_replay(replays[-1], path)
