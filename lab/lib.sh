@@ -179,6 +179,61 @@ lab_remove_nodes() {
     done
 }
 
+# A lab VM's disk is its node's Docker data, LAB_STATE/nodes/NAME/docker; a
+# new node starts from the node image with an empty one. A template may have a
+# disk that holds more, as a golden template built with Packer holds the images
+# its VMs will run: LAB_STATE/disks/VOLUME/docker, VOLUME as in the template's
+# config (base-9000-disk-0). A clone of the template gets a copy of it, as a
+# Proxmox clone copies its source's disks.
+template_disk() { echo "$LAB_STATE/disks/$1/docker"; }
+
+# lab_clone_disk VOLUME NAME: node NAME's disk becomes a copy of template disk
+# VOLUME if the lab has built one, else empty.
+lab_clone_disk() {
+    local source target="$LAB_STATE/nodes/$2"
+    source=$(template_disk "$1")
+    rm -rf -- "$target"
+    if [ -d "$source" ]; then
+        mkdir -p "$target"
+        cp -a --reflink=auto -- "$source" "$target/docker"
+    fi
+}
+
+# lab_remove_node_disk NAME: the disk of a VM that never started (no container).
+lab_remove_node_disk() { rm -rf -- "${LAB_STATE:?}/nodes/$1"; }
+
+# lab_build_template_disk VOLUME IMAGE...: build template disk VOLUME holding
+# the lab registry's IMAGEs (lab/torchserve: mlfleet-lab/torchserve:latest as
+# pushed by lab up). A node from the node image pulls them and stops; its data,
+# less its engine id (each clone's dockerd makes its own), becomes the disk. An
+# existing disk is kept while it holds the same images (by image id).
+lab_build_template_disk() {
+    local volume=$1 image
+    shift
+    local disk wanted="" name="$LAB_NAME-template-build"
+    disk=$(template_disk "$volume")
+    for image in "$@"; do
+        wanted+="$image $(docker image inspect -f '{{.Id}}' "mlfleet-lab/${image#lab/}:latest")"$'\n'
+    done
+    if [ -d "$disk" ] && [ "$(cat "$disk.images" 2>/dev/null)"$'\n' = "$wanted" ]; then
+        return 0
+    fi
+    log "building template disk $volume with $*"
+    [ -z "$(docker ps -aq --filter "name=^${name}\$")" ] || lab_remove_nodes "$name"
+    lab_start_node "$name" "$name" "" "" ""
+    wait_until 90 "template build node $name (see: docker logs $name)" node_ready "$name"
+    for image in "$@"; do
+        docker exec "$name" docker pull -q "$LAB_REGISTRY/$image:latest" >/dev/null
+    done
+    docker stop -t 20 "$name" >/dev/null
+    rm -rf -- "$(dirname "$disk")"
+    mkdir -p "$(dirname "$disk")"
+    mv "$LAB_STATE/nodes/$name/docker" "$disk"
+    rm -f -- "$disk/engine-id"
+    lab_remove_nodes "$name"
+    printf '%s' "$wanted" > "$disk.images"
+}
+
 # daemon_running PIDFILE PATTERN: the process in PIDFILE lives and its command
 # line holds PATTERN (a recycled PID is not mistaken for the daemon).
 daemon_running() {

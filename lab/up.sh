@@ -17,6 +17,10 @@
 #                              lab/influxdb) and the reference
 #                              models in <state>/models (python -m models.build,
 #                              with the python on PATH)
+#   MLFLEET_LAB_TEMPLATE_IMAGES="" lab images (e.g. lab/torchserve) the golden
+#                              template's disk holds, so its clones start with
+#                              them pulled (lab_build_template_disk in lib.sh);
+#                              empty: the template is the node image alone
 # See lab/lib.sh for the names, subnet and paths (all MLFLEET_LAB_* overridable).
 set -euo pipefail
 # shellcheck source=lib.sh
@@ -28,6 +32,7 @@ nodes=${MLFLEET_LAB_NODES:-0}
 node_cpus=${MLFLEET_LAB_NODE_CPUS:-1}
 node_memory=${MLFLEET_LAB_NODE_MEMORY:-2g}
 serving=${MLFLEET_LAB_SERVING:-0}
+read -ra template_images <<< "${MLFLEET_LAB_TEMPLATE_IMAGES:-}"
 inventory=${MLFLEET_LAB_INVENTORY:-$REPO_ROOT/inventories/lab/lab_nodes.yml}
 started=$SECONDS
 
@@ -61,6 +66,16 @@ if [ "$serving" = 1 ]; then
         (cd "$REPO_ROOT" && python3 -m models.build --out "$models" >&2) ||
             die "could not build the reference models: run through scripts/site, whose virtualenv has torch"
     fi
+fi
+
+if [ "${#template_images[@]}" -gt 0 ]; then
+    for image in "${template_images[@]}"; do
+        [[ "$image" =~ ^lab/[a-z0-9-]+$ ]] || die "MLFLEET_LAB_TEMPLATE_IMAGES: '$image' is not a lab image; name them as lab/<image> (lab/torchserve)"
+        "$LAB_ROOT/images/build.sh" "${image#lab/}" >/dev/null
+        "$LAB_ROOT/registry.sh" push "mlfleet-lab/${image#lab/}:latest" "$image" >/dev/null
+    done
+    # The disk of the simulator's golden template, VM 9000 (lab/pvesim/config.py).
+    lab_build_template_disk base-9000-disk-0 "${template_images[@]}"
 fi
 
 authorized_keys=$(cat "$LAB_STATE/ssh/id_ed25519.pub")

@@ -1,7 +1,7 @@
 """What stands behind a simulated VM: nothing (`memory`) or, later, a lab container.
 
 The cluster model owns the Proxmox state (configs, locks, tasks, timing); a backend is told when a VM
-starts, stops or is destroyed, and answers what the guest agent reports. A backend's BackendError
+is cloned, starts, stops or is destroyed, and answers what the guest agent reports. A backend's BackendError
 fails the Proxmox task that called it, with the error's text as exit status.
 """
 
@@ -28,6 +28,9 @@ class GuestView(Protocol):
 
 
 class Backend(Protocol):
+    async def clone(self, source: GuestView, clone: GuestView) -> None:
+        """Give a new clone a copy of its source's disks (within the clone task, as qemu-img copies them)."""
+
     async def start(self, vm: GuestView) -> None: ...
 
     async def stop(self, vm: GuestView) -> None: ...
@@ -36,6 +39,16 @@ class Backend(Protocol):
 
     async def guest_interfaces(self, vm: GuestView) -> list[dict] | None:
         """The agent's `network-get-interfaces` result, or None while the agent does not answer."""
+
+
+def boot_volume(config: dict) -> str | None:
+    """The volume name of a VM's first disk (scsi0, virtio0, sata0, ide0): base-9000-disk-0 for the lab's template;
+    a linked clone's own volume (vm-101-disk-0 of base-9000-disk-0/vm-101-disk-0)."""
+    for key in ("scsi0", "virtio0", "sata0", "ide0"):
+        value = str(config.get(key, ""))
+        if ":" in value and "media=cdrom" not in value:
+            return value.split(":", 1)[1].split(",", 1)[0].rsplit("/", 1)[-1]
+    return None
 
 
 def _mac(vm: GuestView, index: int) -> str:
@@ -84,6 +97,9 @@ def planned_interfaces(vm: GuestView) -> list[dict]:
 
 class MemoryBackend:
     """No guest at all: the agent reports the addresses cloud-init would configure."""
+
+    async def clone(self, source: GuestView, clone: GuestView) -> None:
+        return None
 
     async def start(self, vm: GuestView) -> None:
         return None

@@ -354,21 +354,23 @@ class Cluster:
                 clone.config["lock"] = "clone"
                 self.vms[newid] = clone
                 self.mark_dirty()
-                await self._finish_clone(clone, duration, pool)
+                await self._finish_clone(source, clone, duration, pool)
             finally:
                 await self._release_clone_slot(source.vmid)
 
         return self.runner.spawn(source.node, "qmclone", source.vmid, user, work)
 
-    async def _finish_clone(self, clone: VM, duration: float, pool: str | None) -> None:
+    async def _finish_clone(self, source: VM, clone: VM, duration: float, pool: str | None) -> None:
         try:
             await self.clock.sleep(duration)
+            await self._backend(lambda vm: self.backend.clone(source, vm), clone)
             if self.faults.clone_failure and self.faults.clone_failures_left != 0:
                 if self.faults.clone_failures_left is not None:
                     self.faults.clone_failures_left -= 1
                 raise TaskFailed(self.faults.clone_failure)
         except (TaskFailed, asyncio.CancelledError):
-            # Proxmox removes the half-made VM when a clone fails.
+            # Proxmox removes the half-made VM, its disks too, when a clone fails.
+            await asyncio.shield(self._discard_disks(clone))
             self.vms.pop(clone.vmid, None)
             self.mark_dirty()
             raise
@@ -376,6 +378,12 @@ class Cluster:
         if pool is not None:
             clone.pool = pool
         self.mark_dirty()
+
+    async def _discard_disks(self, clone: VM) -> None:
+        try:
+            await self.backend.destroy(clone)
+        except BackendError:
+            pass  # the clone's own failure is the one to report
 
     async def _take_clone_slot(self, vmid: int) -> None:
         limit = self.limits.get("parallel_clones_per_source")

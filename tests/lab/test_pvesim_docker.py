@@ -233,3 +233,77 @@ def test_proxmoxer_drives_a_docker_backed_vm_from_clone_to_ssh_and_back(backend,
         assert wait_for_task(api, vm_api.delete(purge=1))["exitstatus"] == "OK"
         assert run(["docker", "inspect", backend.container(vmid)], check=False).returncode != 0
         assert vmid not in [vm["vmid"] for vm in api.cluster.resources.get(type="vm")]
+
+
+def node_has_image(container, image):
+    return run(["docker", "exec", container, "docker", "image", "inspect", "-f", "{{.Id}}", image], check=False)
+
+
+def test_clones_of_a_golden_template_start_with_its_images_pulled(backend, lab_env, tmp_path):
+    """Lab up builds the template's disk with the images asked for; a clone gets a copy of it within the clone
+    task (its own: what the clone does leaves the template alone), a clone that failed or was destroyed before
+    it started leaves no disk behind, and a VM not cloned from the template starts with the node image alone."""
+    state = Path(lab_env["env"]["MLFLEET_LAB_STATE"])
+    env = {**lab_env["env"], "MLFLEET_LAB_TEMPLATE_IMAGES": "lab/probe"}
+    built = run([REPO_ROOT / "lab" / "up.sh"], env=env, timeout=900)
+    assert "building template disk base-9000-disk-0 with lab/probe" in built.stderr
+    disk = state / "disks" / "base-9000-disk-0" / "docker"
+    probe_id = run(["docker", "image", "inspect", "-f", "{{.Id}}", "mlfleet-lab/probe:latest"]).stdout.strip()
+    assert Path(f"{disk}.images").read_text() == f"lab/probe {probe_id}\n"
+    assert not (disk / "engine-id").exists(), "each clone's dockerd must make its own engine id"
+    again = run([REPO_ROOT / "lab" / "up.sh"], env=env, timeout=900)
+    assert "building template disk" not in again.stderr, "an unchanged template disk is kept"
+    refused = run([REPO_ROOT / "lab" / "up.sh"], env={**env, "MLFLEET_LAB_TEMPLATE_IMAGES": "probe"}, check=False)
+    assert refused.returncode != 0 and "name them as lab/<image> (lab/torchserve)" in refused.stderr
+
+    registry = run(["bash", "-c", ". lab/lib.sh && echo $LAB_REGISTRY"], env=env).stdout.strip()
+    image = f"{registry}/lab/probe:latest"
+    simulator = Simulator(copy.deepcopy(DEFAULT_CONFIG), tmp_path / "sim", backend=backend)
+    root = DEFAULT_CONFIG["users"]["root@pam"]
+    with running_in_thread(simulator) as url:
+        api = ProxmoxAPI(
+            "127.0.0.1", port=urllib.parse.urlsplit(url).port, user="root@pam", verify_ssl=str(simulator.certificates.ca_file), timeout=30,
+            token_name="admin", token_value=root["tokens"]["admin"]["secret"],
+        )  # fmt: skip
+        template = next(vm for vm in api.cluster.resources.get(type="vm") if vm["template"])
+        assert template["vmid"] == 9000
+        template_api = api.nodes(template["node"]).qemu(9000)
+        clone_ids = []
+        try:
+            for vmid, full in ((960, 1), (961, 0)):
+                clone_ids.append(vmid)
+                assert wait_for_task(api, template_api.clone.post(newid=vmid, name=f"golden-{vmid}", full=full))["exitstatus"] == "OK"
+                assert (state / "nodes" / backend.container(vmid) / "docker" / "image").is_dir(), "the clone task copies the disk"
+                vm_api = api.nodes(template["node"]).qemu(vmid)
+                vm_api.config.put(cores=1, memory=512, ipconfig0="ip=dhcp")
+                assert wait_for_task(api, vm_api.status.start.post())["exitstatus"] == "OK"
+                wait_for_agent(backend, VM(vmid, vm_api.config.get()))
+                assert node_has_image(backend.container(vmid), image).stdout.strip() == probe_id
+            run(["docker", "exec", backend.container(960), "docker", "rmi", image])
+            assert node_has_image(backend.container(960), image).returncode != 0
+            assert node_has_image(backend.container(961), image).stdout.strip() == probe_id
+            assert "lab/probe" in (disk / "image" / "overlay2" / "repositories.json").read_text()
+
+            assert wait_for_task(api, template_api.clone.post(newid=962, name="never-started"))["exitstatus"] == "OK"
+            assert (state / "nodes" / backend.container(962) / "docker").is_dir()
+            assert wait_for_task(api, api.nodes(template["node"]).qemu(962).delete())["exitstatus"] == "OK"
+            assert not (state / "nodes" / backend.container(962)).exists(), "destroying a VM that never started removes its disk"
+
+            simulator.cluster.faults.clone_failure, simulator.cluster.faults.clone_failures_left = "storage migration failed: disk full", 1
+            assert wait_for_task(api, template_api.clone.post(newid=963, name="failed"))["exitstatus"] == "storage migration failed: disk full"
+            assert not (state / "nodes" / backend.container(963)).exists(), "a failed clone leaves no disk"
+        finally:
+            for vmid in clone_ids:
+                vm_api = api.nodes(template["node"]).qemu(vmid)
+                if vm_api.status.current.get()["status"] == "running":
+                    wait_for_task(api, vm_api.status.stop.post())
+                wait_for_task(api, vm_api.delete())
+
+    plain = VM(964, {"name": "plain", "cores": 1, "memory": 256, "ipconfig0": "ip=dhcp"})
+    try:
+        asyncio.run(backend.start(plain))
+        wait_for_agent(backend, plain)
+        assert node_has_image(backend.container(964), image).returncode != 0, "a VM not cloned from the template has no image pulled"
+    finally:
+        asyncio.run(backend.stop(plain))
+        asyncio.run(backend.destroy(plain))
