@@ -464,7 +464,9 @@ def warm_up(lab: Lab, model: str, replicas: int):
 
 def deploy(lab: Lab, workers: int):
     """The lab (lab/up.sh, with the serving images and models) and site.yml with the bench inventory."""
-    run(["lab/up.sh"], env={**os.environ, "MLFLEET_LAB_SERVING": "1"}, timeout=3600)
+    # The golden template holds the TorchServe image, as a site's template would: a new VM does not pull it.
+    env = {**os.environ, "MLFLEET_LAB_SERVING": "1", "MLFLEET_LAB_TEMPLATE_IMAGES": os.environ.get("MLFLEET_LAB_TEMPLATE_IMAGES", "lab/torchserve")}
+    run(["lab/up.sh"], env=env, timeout=3600)
     lab.manager = None
     if lab.deployed_workers():
         # site.yml keeps the replica counts of existing services (the autoscaler owns them) and then classifies an
