@@ -199,6 +199,11 @@ class Lab:
     def workers(self) -> list[dict]:
         return [n for n in self.nodes() if n["role"] == "worker" and n["vmid"]]
 
+    def template_images(self) -> list[str]:
+        """The images the golden template's disk holds (lab/up.sh MLFLEET_LAB_TEMPLATE_IMAGES): a new VM need not pull them."""
+        stamp = self.state / "disks" / "base-9000-disk-0" / "docker.images"
+        return [line.split()[0] for line in stamp.read_text().splitlines() if line.strip()] if stamp.exists() else []
+
     def deployed_workers(self) -> int:
         """The swarm's workers, 0 when the lab or its manager VM is not up yet (the scenario deploys it then)."""
         try:
@@ -448,7 +453,7 @@ def print_result(result: dict):
 
 def base_result(lab: Lab, args, scenario: str) -> dict:
     return {"scenario": scenario, "model": args.model, "concurrency": args.concurrency, "cpulimit": lab.cpulimit, "commit": commit(),
-            "started": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"), "cores": os.cpu_count()}  # fmt: skip
+            "started": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"), "cores": os.cpu_count(), "template_images": lab.template_images()}  # fmt: skip
 
 
 def warm_up(lab: Lab, model: str, replicas: int):

@@ -191,6 +191,7 @@ def replay(lab: capacity.Lab, args):
         "worker_vm_seconds": round(vm_seconds, 1), "saving_vm": round(1 - vm_seconds / baseline_seconds, 4), "replay_s": round(measured, 1),
         **scale,
         "ideal_saving": round(ideal_saving, 4), "cpulimit": lab.cpulimit, "commit": capacity.commit(), "started": started,
+        "template_images": lab.template_images(),
     } | outcome(records)  # fmt: skip
     save(f"replay-{args.model}", result, records, sampler.samples)
     verdict = "held in every window" if result["held"] else f"NOT held in {len(result['windows_not_held'])} of {len(per_window)} windows"
@@ -263,6 +264,7 @@ def report(_lab, _args):
               f"{100 * run['ideal_saving']:.1f}%; p95 target {run['p95_target_s']} s missed in {len(run['windows_not_held'])} of "
               f"{len(run['windows'])} windows; {run['scale_runs_not_acted']} scale runs did not act"
               + (f" ({', '.join(f'{why} {count}' for why, count in run['not_acted_because'].items())})" if "not_acted_because" in run else "")
+              + (f"; golden template with {', '.join(run['template_images'])}" if run.get("template_images") else "")
               + f"; commit {run['commit']}")  # fmt: skip
     if replays:
         path = capacity.REPO_ROOT / "bench" / f"cost_replay_{replays[-1]['model']}.png"
