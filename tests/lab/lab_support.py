@@ -28,13 +28,17 @@ def node_docker(node, *args, check=True, timeout=300):
     return run(["docker", "exec", node, "docker", *args], check=check, timeout=timeout)
 
 
-def wait_for(what, predicate, timeout=120, interval=1.0):
-    """Poll ``predicate`` until it returns a true value and return it; fail naming ``what`` after ``timeout`` s."""
+def wait_for(what, predicate, timeout=120, interval=1.0, context=None):
+    """Poll ``predicate`` until it returns a true value and return it; fail naming ``what`` after ``timeout`` s.
+
+    ``context``: called on a timeout; what it returns goes into the failure, to say why (an audit trail, a log's tail).
+    """
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()
         if value:
             return value
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+            why = f"\n{context()}" if context else ""
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}{why}")
         time.sleep(interval)

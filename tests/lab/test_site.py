@@ -468,18 +468,29 @@ def test_autoscaler_scales_out_to_a_new_vm_under_load_and_back_in_dropping_nothi
     before = workers(swarm_nodes(manager_container()))
     assert len(before) == 2 and len(servers_up(site, "resnet18")) == 2
     started = time.time()
-    # 8 clients: 4 per replica at first, 1.6 on 5 (still above the threshold, so the next step needs a VM), 1 on 8.
-    with Load(endpoint, "resnet18", body.data, body.content_type, clients=8, max_requests=40000, max_seconds=900) as burst:
-        wait_for("resnet18 scaled out to 5 replicas in the proxy", lambda: len(servers_up(site, "resnet18")) >= 5, timeout=300)
+
+    def decisions():
+        """What the autoscaler decided since the test began, and its output's tail: why a wait timed out."""
+        since = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(started))
+        events = [e for e in audit_events(site["state"], kind="scale") if e["time"] >= since]
+        lines = [f"  {e['time']} {e['service']} {e['action']} {e['decision']}: {e['reason']} {e['values']} {e['fields']}" for e in events]
+        return "\n".join(["scale decisions since the test began:", *lines, "the autoscaler's output ends:", autoscaler.output()[-3000:]])
+
+    # 10 clients: 5 per replica at first, 2 on 5 (above the threshold of 1.5, so the next step needs a VM), 1.25 on 8.
+    # The proxy's in-flight count must stay above the threshold at every poll of out_for seconds, while a closed-loop
+    # client is at times between two requests: with 8 clients (1.6 on 5) a VM scale-out waited minutes for that.
+    with Load(endpoint, "resnet18", body.data, body.content_type, clients=10, max_requests=40000, max_seconds=900) as burst:
+        wait_for("resnet18 scaled out to 5 replicas in the proxy", lambda: len(servers_up(site, "resnet18")) >= 5, timeout=300, context=decisions)
         new_nodes = wait_for(
             "a new worker VM in the swarm",
             lambda: [n for n in workers(swarm_nodes(manager_container())) if n["vmid"] not in {b["vmid"] for b in before} and n["status"] == "ready"],
             timeout=600,
+            context=decisions,
         )
         new_hostnames = {n["hostname"] for n in new_nodes}
         burst.wait_for(lambda answers: any(a.node in new_hostnames for a in answers if a.status == 200), 600, f"an answer from a task on {new_hostnames}")
-        wait_for("8 resnet18 tasks up in the proxy", lambda: len(servers_up(site, "resnet18")) == 8, timeout=300)
-    print(f"\nburst (8 clients): {burst.summary()}")
+        wait_for("8 resnet18 tasks up in the proxy", lambda: len(servers_up(site, "resnet18")) == 8, timeout=300, context=decisions)
+    print(f"\nburst (10 clients): {burst.summary()}")
     # The calm: one client through the whole scale-in, every request counted.
     with Load(endpoint, "resnet18", body.data, body.content_type, clients=1, max_requests=40000, max_seconds=900) as calm:
         wait_for(
@@ -490,6 +501,7 @@ def test_autoscaler_scales_out_to_a_new_vm_under_load_and_back_in_dropping_nothi
                 and all(n["availability"] == "active" for n in swarm_nodes(manager_container()))
             ),
             timeout=600,
+            context=decisions,
         )
         settled = len(calm.answers)
         calm.wait_for(lambda answers: len(answers) >= settled + 5, 60, "answers after the scale-in")

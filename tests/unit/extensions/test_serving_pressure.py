@@ -354,6 +354,21 @@ def test_drain_s_is_minus_one_unless_the_backlog_falls_on_servers(schedule, why)
     assert {event["values"]["drain_s"] for event in payloads(events)} == {-1.0}, why
 
 
+def test_a_steady_backlog_that_dips_by_less_than_a_request_per_server_has_no_drain_time():
+    # 10 closed-loop clients on 5 servers, polled every second; from t=24 a poll finds one client between two requests.
+    # The fitted fall over 30 s is 1.3 requests: without the rule, drain_s would say 35 s and hold back a needed VM.
+    dipping = [(second, poll_rows(per_server=(10 if second < 24 else 9) / 5, up=5)) for second in range(0, 34)]
+    events = payloads(run(sp.PressureTracker(out_threshold=1.5, out_for=4, repeat_after=0), dipping))
+    last = events[-1]["values"]
+    assert (last["backlog"], last["trend_s"]) == (9, 30.0) and -0.05 < last["backlog_trend"] < -0.03, last
+    assert {event["values"]["drain_s"] for event in events} == {-1.0}
+    # One request fewer every 5 s: 6 over the span, more than one per server; 10 left, 2.5 above what 5 servers carry.
+    falling_6 = [(second, poll_rows(per_server=(16 - second // 5) / 5, up=5)) for second in range(0, 34)]
+    last = payloads(run(sp.PressureTracker(out_threshold=1.5, out_for=4, repeat_after=0), falling_6))[-1]["values"]
+    assert (last["backlog"], last["trend_s"]) == (10, 30.0) and last["backlog_trend"] < -0.18, last
+    assert last["drain_s"] == pytest.approx(2.5 / -last["backlog_trend"], rel=0.01)
+
+
 def test_a_noisy_fall_is_read_by_its_slope_not_its_ends():
     # Falling 1/s, with the first poll of the 20 s trend 10 low and the last 10 high: the ends alone say it is flat.
     noise = {12: -10, 32: 10}

@@ -40,7 +40,9 @@ description:
   - "The backlog's trend: C(backlog) = inflight + queued; C(backlog_trend) (requests per second, negative while it falls),
     the least-squares slope of the backlog over the polls of the last O(trend_for) seconds; and C(drain_s), the seconds
     until the backlog, falling at that rate, is down to what the servers up carry below O(out_threshold), or -1 when it
-    is not falling, no server is up, or the polls do not span O(trend_for) seconds yet. A scale-out that clones VMs reads
+    is not falling, no server is up, or the polls do not span O(trend_for) seconds yet. The backlog counts as falling
+    only when the slope takes off at least one request per server up over the span: a poll finds a server between two
+    requests now and then, so a steady backlog (closed-loop clients) jitters by about that much. A scale-out that clones VMs reads
     C(drain_s): capacity that comes after the backlog is gone only costs (the scale playbooks' C(workers.time_to_serve))."
   - "Overloaded: per_server >= O(out_threshold), or queued > O(out_queue), or no server up while requests wait.
     Idle: per_server <= O(in_threshold), nothing queued, and at least one server up (a service with no task up has
@@ -416,8 +418,13 @@ class BacklogHistory:
 
 
 def drain_seconds(figures: BackendFigures, trend: Trend | None, out_threshold: float) -> float:
-    """Seconds until the backlog, at its trend, is down to what the servers up carry below out_threshold; -1 if never."""
-    if trend is None or trend.per_s >= 0 or figures.servers_up == 0:
+    """Seconds until the backlog, at its trend, is down to what the servers up carry below out_threshold; -1 if never.
+
+    A fall over the trend's span of less than one request per server up is jitter, not a trend: each server's in-flight
+    count dips by one between two of its requests, and a fitted slope of that size would predict that a steady overload
+    (10 clients on 5 servers: backlog 10, then 9 at the last polls) drains in half a minute.
+    """
+    if trend is None or figures.servers_up == 0 or -trend.per_s * trend.span_s < figures.servers_up:
         return -1.0
     excess = max(figures.backlog - out_threshold * figures.servers_up, 0.0)
     return excess / -trend.per_s
