@@ -3,11 +3,13 @@ rulebook, event sources and scale playbooks), and what the tests read back: the 
 the audit trail.
 
 The autoscaler is started as its own process group and stopped by its PID; its whole output goes to a file so
-that a test can search it (for rejected webhooks, and for secrets that must never be there).
+that a test can search it (for rejected webhooks, and for secrets that must never be there). Stopped, it gives its
+scale runs still going ``STOP_GRACE`` seconds to finish and then ends them (scripts/_supervise_runs.py).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import importlib.util
@@ -23,11 +25,16 @@ import requests
 import yaml
 from lab_support import REPO_ROOT, run
 
+# Seconds: shorter than scripts/autoscale's default (60) so that a test's stop is quick; Autoscaler.stop checks that
+# the stop left none of its processes behind.
+STOP_GRACE = 20
+
 
 class Autoscaler:
     def __init__(self, env: dict, state: Path, inventory: Path | None, overrides: dict, log: Path):
         """``inventory`` None: the one scripts/autoscale makes from inventories/lab."""
-        self.env = {**os.environ, **env} | ({"MLFLEET_AUTOSCALE_INVENTORY": str(inventory)} if inventory else {})
+        self.env = {"MLFLEET_AUTOSCALE_STOP_GRACE": str(STOP_GRACE), **os.environ, **env}
+        self.env |= {"MLFLEET_AUTOSCALE_INVENTORY": str(inventory)} if inventory else {}
         self.state = state
         self.overrides = overrides
         self.log = log
@@ -57,23 +64,31 @@ class Autoscaler:
                 time.sleep(0.5)
         raise AssertionError(f"the autoscaler's webhook did not listen on {host}:{port} within {timeout:.0f} s:\n{self.output()[-3000:]}")
 
-    def __exit__(self, *exc):
-        self.stop()
+    def __exit__(self, exc_type, *exc):
+        self.stop(check=exc_type is None)
 
-    def stop(self):
+    def stop(self, check=True):
+        """Stop it as an operator does (SIGTERM); with ``check``, fail if any process it started outlived it."""
         if self.process is None or self.process.poll() is not None:
             return
         os.killpg(self.process.pid, signal.SIGTERM)
         try:
-            self.process.wait(timeout=60)
+            # ansible-rulebook's exit, the grace period, SIGTERM to the runs left and 15 s more before SIGKILL.
+            self.process.wait(timeout=float(self.env["MLFLEET_AUTOSCALE_STOP_GRACE"]) + 60)
         except subprocess.TimeoutExpired:
             os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait(timeout=30)
+        if left := autoscaler_processes():
+            for pid in left:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(os.getpgid(pid), signal.SIGKILL)
         # A scale run killed with the autoscaler keeps the lease until its ttl ends (30 min). Give it back, as an operator
         # does after stopping the autoscaler in the middle of a run; the cooldown record stays.
         lease = load_lease_module().LeaseFile(str(self.state / "autoscale.lease"))
         if os.path.exists(lease.path) and (held := lease.read()["lease"]) is not None:
             lease.release(held["holder"])
+        if left and check:
+            raise AssertionError(f"processes the autoscaler started outlived it: {left}\n{self.output()[-3000:]}")
 
     def output(self) -> str:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
@@ -85,6 +100,18 @@ class Autoscaler:
             (self.state / "monitoring" / "webhook-hmac.secret").read_text().strip(),
             str(self.state / "autoscale" / "webhook.crt"),
         )
+
+
+def autoscaler_processes() -> dict[int, str]:
+    """{pid: command line} of the processes started under an autoscaler (scripts/_supervise_runs.py marks them)."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and any(item.startswith(b"MLFLEET_AUTOSCALER_RUN_ID=") for item in (entry / "environ").read_bytes().split(b"\0")):
+                found[int(entry.name)] = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+    return {pid: command for pid, command in found.items() if command}
 
 
 def load_lease_module():
