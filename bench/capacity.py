@@ -453,7 +453,8 @@ def print_result(result: dict):
 
 def base_result(lab: Lab, args, scenario: str) -> dict:
     return {"scenario": scenario, "model": args.model, "concurrency": args.concurrency, "cpulimit": lab.cpulimit, "commit": commit(),
-            "started": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"), "cores": os.cpu_count(), "template_images": lab.template_images()}  # fmt: skip
+            "started": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"), "cores": os.cpu_count(), "template_images": lab.template_images(),
+            "clones": "full" if os.environ.get("MLFLEET_BENCH_CLONE_FULL", "").lower() in ("1", "true", "yes") else "linked"}  # fmt: skip
 
 
 def warm_up(lab: Lab, model: str, replicas: int):

@@ -183,20 +183,37 @@ lab_remove_nodes() {
 # new node starts from the node image with an empty one. A template may have a
 # disk that holds more, as a golden template built with Packer holds the images
 # its VMs will run: LAB_STATE/disks/VOLUME/docker, VOLUME as in the template's
-# config (base-9000-disk-0). A clone of the template gets a copy of it, as a
-# Proxmox clone copies its source's disks.
+# config (base-9000-disk-0). A full clone of the template gets a copy of it, as
+# a Proxmox full clone copies its source's disks; a linked clone shares what it
+# only reads, as a linked clone shares its template's base volume.
 template_disk() { echo "$LAB_STATE/disks/$1/docker"; }
 
-# lab_clone_disk VOLUME NAME: node NAME's disk becomes a copy of template disk
-# VOLUME if the lab has built one, else empty.
+# lab_clone_disk VOLUME NAME [full|linked]: node NAME's disk becomes a clone of
+# template disk VOLUME if the lab has built one, else empty. full (the default)
+# copies every file. linked hard-links the image layers' contents
+# (overlay2/<layer>/diff), which the node's dockerd only ever reads (they are
+# overlayfs lower directories; a write goes to a container's own layer), and
+# copies the rest (its databases are written in place), so that nothing the
+# clone does changes the template, and the clone takes a second, not a copy of
+# every layer.
 lab_clone_disk() {
-    local source target="$LAB_STATE/nodes/$2"
+    local source target="$LAB_STATE/nodes/$2/docker" mode=${3:-full} layer
     source=$(template_disk "$1")
-    rm -rf -- "$target"
-    if [ -d "$source" ]; then
-        mkdir -p "$target"
-        cp -a --reflink=auto -- "$source" "$target/docker"
-    fi
+    rm -rf -- "$(dirname "$target")"
+    [ -d "$source" ] || return 0
+    mkdir -p "$target"
+    case $mode in
+        full) cp -a --reflink=auto -- "$source/." "$target" ;;
+        linked)
+            tar -C "$source" --exclude='./overlay2/*/diff' -cf - . | tar -C "$target" -xpf -
+            for layer in "$source"/overlay2/*/diff; do
+                [ -d "$layer" ] || continue
+                layer=${layer#"$source/"}
+                cp -a --link -- "$source/$layer" "$target/$layer"
+            done
+            ;;
+        *) die "lab_clone_disk: clone mode '$mode' is neither full nor linked" ;;
+    esac
 }
 
 # lab_remove_node_disk NAME: the disk of a VM that never started (no container).

@@ -29,7 +29,8 @@ class GuestView(Protocol):
 
 class Backend(Protocol):
     async def clone(self, source: GuestView, clone: GuestView) -> None:
-        """Give a new clone a copy of its source's disks (within the clone task, as qemu-img copies them)."""
+        """Give a new clone its disks (within the clone task): a copy of its source's (a full clone, as qemu-img
+        copies them) or volumes over its template's that share what they do not change (a linked clone)."""
 
     async def start(self, vm: GuestView) -> None: ...
 
@@ -41,14 +42,26 @@ class Backend(Protocol):
         """The agent's `network-get-interfaces` result, or None while the agent does not answer."""
 
 
-def boot_volume(config: dict) -> str | None:
-    """The volume name of a VM's first disk (scsi0, virtio0, sata0, ide0): base-9000-disk-0 for the lab's template;
-    a linked clone's own volume (vm-101-disk-0 of base-9000-disk-0/vm-101-disk-0)."""
+def _boot_volume_path(config: dict) -> str | None:
+    """What follows the storage of a VM's first disk (scsi0, virtio0, sata0, ide0): base-9000-disk-0 for the lab's
+    template, base-9000-disk-0/vm-101-disk-0 for a linked clone of it (its own volume over the template's)."""
     for key in ("scsi0", "virtio0", "sata0", "ide0"):
         value = str(config.get(key, ""))
         if ":" in value and "media=cdrom" not in value:
-            return value.split(":", 1)[1].split(",", 1)[0].rsplit("/", 1)[-1]
+            return value.split(":", 1)[1].split(",", 1)[0]
     return None
+
+
+def boot_volume(config: dict) -> str | None:
+    """The volume name of a VM's first disk: base-9000-disk-0 for the lab's template; a linked clone's own volume
+    (vm-101-disk-0 of base-9000-disk-0/vm-101-disk-0)."""
+    path = _boot_volume_path(config)
+    return path.rsplit("/", 1)[-1] if path else None
+
+
+def is_linked_clone(config: dict) -> bool:
+    """Whether the VM's first disk is a linked clone's volume, which shares its template's base volume."""
+    return "/" in (_boot_volume_path(config) or "")
 
 
 def _mac(vm: GuestView, index: int) -> str:

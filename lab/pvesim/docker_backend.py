@@ -12,9 +12,10 @@ Proxmox config into those calls:
 - net0's MAC -> the MAC of the node's eth0 (set by its init); name -> its host name;
 - ciuser and the URL-encoded sshkeys -> the node init's cloud-init stand-in, so Ansible can log in.
   As with a cloud-init instance id, they are read when the VM first boots.
-- a clone's disk (the node's Docker data) is a copy of its template's disk where the lab built one
-  (MLFLEET_LAB_TEMPLATE_IMAGES: a golden template with images pulled), made within the clone task; else it
-  starts empty, from the node image alone.
+- a clone's disk (the node's Docker data) comes from its template's disk where the lab built one
+  (MLFLEET_LAB_TEMPLATE_IMAGES: a golden template with images pulled), within the clone task: a full clone's
+  is a copy, a linked clone's shares the image layers' contents, which its dockerd only reads, and copies the
+  rest (lab_clone_disk in lab/lib.sh); else it starts empty, from the node image alone.
 - a container of the same name left by another lab instance (lab_instance in lab/lib.sh) is not
   this VM's disk: it is removed and the VM created afresh.
 
@@ -30,7 +31,7 @@ import json
 import urllib.parse
 from pathlib import Path
 
-from .backend import BackendError, GuestView, boot_volume
+from .backend import BackendError, GuestView, boot_volume, is_linked_clone
 from .formats import IPCONFIG, NET, parse_property_string
 
 LAB_LIB = Path(__file__).resolve().parents[1] / "lib.sh"
@@ -111,7 +112,8 @@ class DockerBackend:
         if await self._state(clone.vmid) is not None:
             # A VM being created has no disk yet: a container of its name is another VM's leftover.
             await _lab("lab_remove_nodes", self.container(clone.vmid))
-        await _lab("lab_clone_disk", boot_volume(source.config) or "none", self.container(clone.vmid))
+        mode = "linked" if is_linked_clone(clone.config) else "full"
+        await _lab("lab_clone_disk", boot_volume(source.config) or "none", self.container(clone.vmid), mode)
 
     async def start(self, vm: GuestView) -> None:
         cpus, memory = self._limits(vm)

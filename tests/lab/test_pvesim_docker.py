@@ -239,10 +239,20 @@ def node_has_image(container, image):
     return run(["docker", "exec", container, "docker", "image", "inspect", "-f", "{{.Id}}", image], check=False)
 
 
+def template_layer_files(disk: Path) -> dict[Path, tuple[int, int]]:
+    """{path under the disk: (size, modification time in ns)} of the regular files in its image layers."""
+    return {
+        path.relative_to(disk): (path.stat().st_size, path.stat().st_mtime_ns)
+        for path in disk.glob("overlay2/*/diff/**/*")
+        if path.is_file() and not path.is_symlink()
+    }
+
+
 def test_clones_of_a_golden_template_start_with_its_images_pulled(backend, lab_env, tmp_path):
-    """Lab up builds the template's disk with the images asked for; a clone gets a copy of it within the clone
-    task (its own: what the clone does leaves the template alone), a clone that failed or was destroyed before
-    it started leaves no disk behind, and a VM not cloned from the template starts with the node image alone."""
+    """Lab up builds the template's disk with the images asked for; a clone gets it within the clone task, a full
+    clone as a copy, a linked clone sharing the layers' files (either way its own: what the clone does leaves the
+    template alone), a clone that failed or was destroyed before it started leaves no disk behind, and a VM not
+    cloned from the template starts with the node image alone."""
     state = Path(lab_env["env"]["MLFLEET_LAB_STATE"])
     env = {**lab_env["env"], "MLFLEET_LAB_TEMPLATE_IMAGES": "lab/probe"}
     built = run([REPO_ROOT / "lab" / "up.sh"], env=env, timeout=900)
@@ -279,10 +289,26 @@ def test_clones_of_a_golden_template_start_with_its_images_pulled(backend, lab_e
                 assert wait_for_task(api, vm_api.status.start.post())["exitstatus"] == "OK"
                 wait_for_agent(backend, VM(vmid, vm_api.config.get()))
                 assert node_has_image(backend.container(vmid), image).stdout.strip() == probe_id
+            # The linked clone shares the layers' files with the template and has its own copy of the databases.
+            layer_files = template_layer_files(disk)
+            assert layer_files, f"the template disk {disk} has no image layer files"
+            sample = next(iter(layer_files))
+            full_disk, linked_disk = (state / "nodes" / backend.container(vmid) / "docker" for vmid in (960, 961))
+            assert (linked_disk / sample).stat().st_ino == (disk / sample).stat().st_ino, "a linked clone shares the layers"
+            assert (full_disk / sample).stat().st_ino != (disk / sample).stat().st_ino, "a full clone copies them"
+            repositories = Path("image", "overlay2", "repositories.json")
+            assert (linked_disk / repositories).stat().st_ino != (disk / repositories).stat().st_ino
+            # What either clone does leaves the template as it was.
             run(["docker", "exec", backend.container(960), "docker", "rmi", image])
             assert node_has_image(backend.container(960), image).returncode != 0
             assert node_has_image(backend.container(961), image).stdout.strip() == probe_id
+            # A container that overwrites a file of a shared layer writes its own copy (overlayfs copy-up).
+            overwrite = "echo overwritten > /usr/local/bin/mlfleet-probe"
+            run(["docker", "exec", backend.container(961), "docker", "run", "--rm", "--entrypoint", "/bin/sh", image, "-c", overwrite])
+            run(["docker", "exec", backend.container(961), "docker", "rmi", image])
+            assert node_has_image(backend.container(961), image).returncode != 0
             assert "lab/probe" in (disk / "image" / "overlay2" / "repositories.json").read_text()
+            assert template_layer_files(disk) == layer_files, "removing the image in a linked clone changed the template"
 
             assert wait_for_task(api, template_api.clone.post(newid=962, name="never-started"))["exitstatus"] == "OK"
             assert (state / "nodes" / backend.container(962) / "docker").is_dir()
