@@ -11,6 +11,7 @@ and of the whole machine, so the CPU spent outside the workers is printed with t
     python bench/capacity.py fixed --model resnet18 --workers 2 4 6 --repeats 3
     python bench/capacity.py dynamic --model resnet18 --repeats 2
     python bench/capacity.py report                         # tables and plots from bench/results/
+    python bench/capacity.py report --since T --tag NAME    # of the runs started at T or later
 
 - fixed N: N replicas of the model, one per worker VM (the service's max_replicas_per_node is 1), on a pool of 6 VMs;
   the VMs without a replica idle, and their CPU is printed apart. The other model is scaled to 0.
@@ -594,7 +595,11 @@ def main() -> int:
             scenario.add_argument("--workers", type=int, nargs="+", default=[2, 4, 6])
         else:
             scenario.add_argument("--pressure", type=pressure_setting, nargs="*", default=[], help="autoscale_pressure_<KEY>=<VALUE> for the rulebook")
-    commands.add_parser("report", help="tables and plots from bench/results/capacity.jsonl")
+    report_parser = commands.add_parser("report", help="tables and plots from bench/results/capacity.jsonl")
+    # Runs on different machines do not compare: a machine's CPU speed moves every figure (see REPORT.md).
+    report_parser.add_argument("--since", help="only runs started at or after this UTC time (2026-11-24T23:00:00Z)")
+    report_parser.add_argument("--until", help="only runs started before this UTC time")
+    report_parser.add_argument("--tag", default="", help="written into the PNGs' names, so that a filtered report keeps the others")
     args = parser.parse_args()
     if os.geteuid() != 0:
         sys.exit("run as root: the lab's Docker daemon and the containers' cgroups")
@@ -610,7 +615,7 @@ def main() -> int:
     else:
         from capacity_report import report  # noqa: PLC0415
 
-        report(RESULTS)
+        report(RESULTS, since=args.since, until=args.until, tag=args.tag)
     return 0
 
 

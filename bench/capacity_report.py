@@ -31,19 +31,23 @@ def load(results: Path) -> list[dict]:
 
 
 GOLDEN = "dynamic 2-, golden template"
-ORDER = ["fixed 2", "fixed 4", "fixed 6", "dynamic 2-", "dynamic 2-, tuned", GOLDEN]
+LINKED = "dynamic 2-, golden template, linked clones"
+ORDER = ["fixed 2", "fixed 4", "fixed 6", "dynamic 2-", "dynamic 2-, tuned", GOLDEN, LINKED]
 # Dynamic runs with the rulebook's defaults, compared with fixed 4.
-DEFAULT_DYNAMIC = ["dynamic 2-", GOLDEN]
+DEFAULT_DYNAMIC = ["dynamic 2-", GOLDEN, LINKED]
 
 
 def label(run: dict) -> str:
     """Dynamic runs with the rulebook's defaults are "dynamic 2-"; runs with --pressure overrides, and runs whose new
-    VMs were cloned from a template holding the TorchServe image, are kept apart. Fixed runs clone no VM."""
+    VMs were cloned from a template holding the TorchServe image, fully or linked (results before linked clones have
+    no "clones": they were full clones), are kept apart. Fixed runs clone no VM."""
     if run["scenario"] == "fixed":
         return f"fixed {run['workers']}"
     if run.get("autoscaler_overrides"):
         return "dynamic 2-, tuned"
-    return GOLDEN if run.get("template_images") else "dynamic 2-"
+    if not run.get("template_images"):
+        return "dynamic 2-"
+    return LINKED if run.get("clones") == "linked" else GOLDEN
 
 
 def spread(values: list[float], digits=1) -> str:
@@ -176,17 +180,27 @@ def plot_dynamic(run: dict, path: Path):
     plt.close(figure)
 
 
-def report(results: Path):
-    runs = load(results)
+def started_between(run: dict, since: str | None, until: str | None) -> bool:
+    started = datetime.fromisoformat(run["started"].replace("Z", "+00:00"))
+    return (since is None or started >= datetime.fromisoformat(since.replace("Z", "+00:00"))) and (
+        until is None or started < datetime.fromisoformat(until.replace("Z", "+00:00"))
+    )
+
+
+def report(results: Path, since: str | None = None, until: str | None = None, tag: str = ""):
+    runs = [run for run in load(results) if started_between(run, since, until)]
+    if not runs:
+        raise SystemExit(f"no runs in {results / 'capacity.jsonl'} started between {since or 'the first'} and {until or 'the last'}")
+    suffix = f"_{tag}" if tag else ""
     print("\n".join(table(runs)))
     print()
     print("\n".join(ratios(runs)))
-    plot_times(runs, REPO_ROOT / "bench" / "capacity_times.png")
-    written = ["bench/capacity_times.png"]
+    plot_times(runs, REPO_ROOT / "bench" / f"capacity_times{suffix}.png")
+    written = [f"bench/capacity_times{suffix}.png"]
     for model in sorted({r["model"] for r in runs}):
         dynamic = [r for r in runs if r["model"] == model and r["scenario"] == "dynamic"]
         if dynamic:
-            path = REPO_ROOT / "bench" / f"capacity_dynamic_{model}.png"
+            path = REPO_ROOT / "bench" / f"capacity_dynamic_{model}{suffix}.png"
             plot_dynamic(dynamic[-1], path)
             written.append(str(path.relative_to(REPO_ROOT)))
     print(f"\nwrote {', '.join(written)}")
