@@ -108,7 +108,7 @@ def test_runs_that_outlast_the_grace_period_are_ended_even_if_they_ignore_sigter
     assert "SIGKILL" in err
     assert "keeps the scale lease" in err
     # Nothing marked is left: the stubborn run was killed, not orphaned.
-    assert not subprocess.run(["pgrep", "-f", str(stubborn)], capture_output=True).stdout
+    assert not subprocess.run(["pgrep", "-f", str(stubborn)], capture_output=True, check=False).stdout
 
 
 def test_a_run_the_command_did_not_start_is_left_alone(stand_ins):
@@ -130,12 +130,13 @@ def test_a_run_the_command_did_not_start_is_left_alone(stand_ins):
 
 
 def test_a_command_without_runs_exits_with_its_own_status(tmp_path):
-    result = subprocess.run([sys.executable, SUPERVISOR, "--", sys.executable, "-c", "raise SystemExit(3)"], capture_output=True, text=True, timeout=30)
+    command = [sys.executable, SUPERVISOR, "--", sys.executable, "-c", "raise SystemExit(3)"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=30, check=False)
     assert result.returncode == 3
     assert result.stderr == ""
 
 
 def test_no_command_is_a_usage_error():
-    result = subprocess.run([sys.executable, SUPERVISOR, "--grace", "5"], capture_output=True, text=True, timeout=30)
+    result = subprocess.run([sys.executable, SUPERVISOR, "--grace", "5"], capture_output=True, text=True, timeout=30, check=False)
     assert result.returncode == 2
     assert "no command given" in result.stderr
