@@ -3,7 +3,8 @@
 ansible-runner starts each playbook on a pseudo-terminal of its own, in a session of its own, so a signal to
 ansible-rulebook or to its process group never reaches them: stopped alone, the autoscaler leaves its scale runs
 acting on a cluster that nothing watches any more. This wrapper marks the command's environment with a unique id,
-which every process it starts inherits, forwards SIGTERM, SIGINT and SIGHUP to it, and once it has exited:
+which every process it starts inherits, forwards SIGTERM, SIGINT and SIGHUP to it (SIGTERM, then SIGKILL, if it has
+not stopped ``--stop-after`` seconds later), and once it has exited:
 
 1. lets the playbook runs still going (marked ``ansible-playbook`` processes) finish for up to ``--grace`` seconds:
    a scale run that ends on its own gives its lease back and records its cooldown;
@@ -105,29 +106,45 @@ def end_runs(marker: str, grace: float, kill_after: float) -> int:
     return len(left)
 
 
+def wait_for_command(child: subprocess.Popen, stop_asked_at: list[float], stop_after: float) -> int:
+    """The command's exit status. A command that is still running ``stop_after`` seconds after it was asked to stop
+    gets SIGTERM, and SIGKILL as long again later: a command started with SIGINT ignored (a shell's background job)
+    never sees a forwarded Ctrl-C."""
+    escalation = [signal.SIGTERM, signal.SIGKILL]
+    while True:
+        try:
+            return child.wait(timeout=0.5)
+        except subprocess.TimeoutExpired:
+            if escalation and stop_asked_at and time.monotonic() - stop_asked_at[0] >= stop_after * (3 - len(escalation)):
+                signum = escalation.pop(0)
+                log(f"the command did not stop within {stop_after * (2 - len(escalation)):.0f} s: {signal.Signals(signum).name}")
+                child.send_signal(signum)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n", 1)[0])
     parser.add_argument("--grace", type=float, default=60.0, help="seconds the runs may finish on their own (60)")
     parser.add_argument("--kill-after", type=float, default=15.0, help="seconds between SIGTERM and SIGKILL (15)")
+    parser.add_argument("--stop-after", type=float, default=10.0, help="seconds the command has to stop before SIGTERM (10)")
     parser.add_argument("command", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not command:
         parser.error("no command given")
-    if args.grace < 0 or args.kill_after < 0:
-        parser.error("--grace and --kill-after are seconds, 0 or more")
+    if min(args.grace, args.kill_after, args.stop_after) < 0:
+        parser.error("--grace, --kill-after and --stop-after are seconds, 0 or more")
     marker = secrets.token_hex(16)
     child = subprocess.Popen(command, env={**os.environ, MARKER: marker})  # noqa: S603 (the caller's own command)
-    received = []
+    stop_asked_at = []
 
     def forward(signum, _frame):
-        received.append(signum)
+        stop_asked_at.append(time.monotonic())
         if child.poll() is None:
             child.send_signal(signum)
 
     for signum in FORWARDED:
         signal.signal(signum, forward)
-    status = child.wait()
+    status = wait_for_command(child, stop_asked_at, args.stop_after)
     for signum in FORWARDED:
         # A second Ctrl-C while the runs end must not leave them half-ended without a word: say so and carry on.
         signal.signal(signum, lambda signum, _frame: log(f"signal {signum} ignored while ending the playbook runs"))

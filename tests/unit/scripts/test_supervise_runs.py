@@ -36,10 +36,11 @@ PLAYBOOK = textwrap.dedent(
 # and waits to be stopped (SIGTERM ends it at once, as ansible-rulebook exits without ending its runs).
 RULEBOOK = textwrap.dedent(
     """\
-    import os, subprocess, sys, time
+    import os, signal, subprocess, sys, time
     playbook = sys.argv[1]
+    signal.signal(signal.SIGINT, signal.SIG_IGN if sys.argv[2] == "ignore-int" else signal.default_int_handler)
     records = []
-    for run in sys.argv[2:]:
+    for run in sys.argv[3:]:
         seconds, record, *rest = run.split(":")
         subprocess.Popen([sys.executable, playbook, seconds, record, *rest], start_new_session=True)
         records.append(record)
@@ -61,9 +62,27 @@ def stand_ins(tmp_path):
     return tmp_path, playbook, rulebook
 
 
-def supervise(tmp_path, playbook, rulebook, runs, grace, kill_after):
+def supervise(tmp_path, playbook, rulebook, runs, grace, kill_after, ignore_sigint=False):
+    # ignore_sigint: a rulebook started with SIGINT ignored, as a shell's background job is (CI's included), which a
+    # forwarded Ctrl-C does not stop.
+    sigint = "ignore-int" if ignore_sigint else "default-int"
     process = subprocess.Popen(
-        [sys.executable, SUPERVISOR, "--grace", str(grace), "--kill-after", str(kill_after), "--", sys.executable, rulebook, playbook, *runs],
+        [
+            sys.executable,
+            SUPERVISOR,
+            "--grace",
+            str(grace),
+            "--kill-after",
+            str(kill_after),
+            "--stop-after",
+            "1",
+            "--",
+            sys.executable,
+            rulebook,
+            playbook,
+            sigint,
+            *runs,
+        ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -117,10 +136,12 @@ def test_a_run_the_command_did_not_start_is_left_alone(stand_ins):
     # An operator's own scale run on the same host, started beside the autoscaler.
     other = subprocess.Popen([sys.executable, playbook, "4", foreign], start_new_session=True)
     try:
-        process = supervise(tmp_path, playbook, rulebook, [f"300:{own}"], grace=0, kill_after=2)
+        process = supervise(tmp_path, playbook, rulebook, [f"300:{own}"], grace=0, kill_after=2, ignore_sigint=True)
         os.killpg(process.pid, signal.SIGINT)
         _out, err = process.communicate(timeout=30)
-        assert process.returncode == 128 + signal.SIGINT
+        # The rulebook ignored the forwarded Ctrl-C and was stopped with SIGTERM a second later.
+        assert "the command did not stop within 1 s: SIGTERM" in err
+        assert process.returncode == 128 + signal.SIGTERM
         assert own.read_text() == "terminated", err
         assert other.poll() is None, "the supervisor ended a process it did not start"
         assert wait_for_record(foreign, 10) == "finished"
