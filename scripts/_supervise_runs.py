@@ -39,15 +39,17 @@ def log(message: str) -> None:
     print(f"[autoscale] {message}", file=sys.stderr, flush=True)
 
 
-def marked_processes(marker: str, proc: Path = Path("/proc")) -> dict[int, str]:
-    """{pid: command line} of the processes whose environment holds ``MARKER=marker``, this one excluded."""
-    wanted = f"{MARKER}={marker}".encode()
+def marked_processes(marker: str | None) -> dict[int, str]:
+    """{pid: command line} of the processes whose environment holds ``MARKER=marker`` (None: any supervisor's mark),
+    this one excluded."""
+    wanted = f"{MARKER}={marker}".encode() if marker is not None else f"{MARKER}=".encode()
     found = {}
-    for entry in proc.iterdir():
+    for entry in Path("/proc").iterdir():
         if not entry.name.isdigit() or int(entry.name) == os.getpid():
             continue
         try:
-            if wanted not in (entry / "environ").read_bytes().split(b"\0"):
+            environment = (entry / "environ").read_bytes().split(b"\0")
+            if not any(item == wanted if marker is not None else item.startswith(wanted) for item in environment):
                 continue
             # A zombie has an empty command line and nothing left to end.
             command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
@@ -80,8 +82,8 @@ def signal_groups(pids, signum: int) -> None:
             os.killpg(group, signum)
 
 
-def end_runs(marker: str, grace: float, kill_after: float) -> int:
-    """End what the command left running; the number of processes that had to be signalled."""
+def end_runs(marker: str, grace: float, kill_after: float) -> None:
+    """End what the command left running."""
     if runs := playbook_runs(marked_processes(marker)):
         # A run is a session (ansible-playbook and its forked workers); its first pid names it.
         sessions = {}
@@ -92,7 +94,7 @@ def end_runs(marker: str, grace: float, kill_after: float) -> int:
         wait_until_gone(marker, grace, only=playbook_runs)
     left = marked_processes(marker)
     if not left:
-        return 0
+        return
     for pid, command in sorted(left.items()):
         log(f"ending pid {pid}: {command[:200]}")
     signal_groups(left, signal.SIGTERM)
@@ -103,21 +105,20 @@ def end_runs(marker: str, grace: float, kill_after: float) -> int:
         signal_groups(wait_until_gone(marker, 5), signal.SIGKILL)
     if playbook_runs(left):
         log("a scale run ended this way keeps the scale lease until its ttl runs out; run the scale playbook again to converge")
-    return len(left)
 
 
 def wait_for_command(child: subprocess.Popen, stop_asked_at: list[float], stop_after: float) -> int:
     """The command's exit status. A command that is still running ``stop_after`` seconds after it was asked to stop
     gets SIGTERM, and SIGKILL as long again later: a command started with SIGINT ignored (a shell's background job)
     never sees a forwarded Ctrl-C."""
-    escalation = [signal.SIGTERM, signal.SIGKILL]
+    escalation = [(stop_after, signal.SIGTERM), (2 * stop_after, signal.SIGKILL)]
     while True:
         try:
             return child.wait(timeout=0.5)
         except subprocess.TimeoutExpired:
-            if escalation and stop_asked_at and time.monotonic() - stop_asked_at[0] >= stop_after * (3 - len(escalation)):
-                signum = escalation.pop(0)
-                log(f"the command did not stop within {stop_after * (2 - len(escalation)):.0f} s: {signal.Signals(signum).name}")
+            if escalation and stop_asked_at and time.monotonic() - stop_asked_at[0] >= escalation[0][0]:
+                waited, signum = escalation.pop(0)
+                log(f"the command did not stop within {waited:.0f} s: {signal.Signals(signum).name}")
                 child.send_signal(signum)
 
 

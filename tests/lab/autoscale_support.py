@@ -103,15 +103,11 @@ class Autoscaler:
 
 
 def autoscaler_processes() -> dict[int, str]:
-    """{pid: command line} of the processes started under an autoscaler (scripts/_supervise_runs.py marks them)."""
-    found = {}
-    for entry in Path("/proc").iterdir():
-        try:
-            if entry.name.isdigit() and any(item.startswith(b"MLFLEET_AUTOSCALER_RUN_ID=") for item in (entry / "environ").read_bytes().split(b"\0")):
-                found[int(entry.name)] = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-    return {pid: command for pid, command in found.items() if command}
+    """{pid: command line} of the processes started under any autoscaler (scripts/_supervise_runs.py marks them)."""
+    spec = importlib.util.spec_from_file_location("mlfleet_supervise_runs", REPO_ROOT / "scripts" / "_supervise_runs.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.marked_processes(None)
 
 
 def load_lease_module():
