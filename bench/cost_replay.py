@@ -47,6 +47,11 @@ DAY = (("low", 9.0), ("peak", 6.0), ("low", 9.0))
 # The rulebook's serving_pressure windows (extensions/eda/rulebooks/autoscale.yml defaults, seconds) and the shortest
 # each may be scaled to: the event source polls the proxy every 2 s, so a window needs a few polls.
 PRESSURE_WINDOWS = {"out_for": (6, 4), "in_for": (60, 10), "repeat_after": (30, 10), "in_repeat_after": (300, 20)}
+# With --schedule-lead: seconds from the autoscaler's start to the first arrival, so that the schedule's windows can be
+# set in wall-clock time before the rulebook starts (it starts and listens within about 20 s here).
+SCHEDULE_START_DELAY = 75
+# With --schedule-lead: seconds between the events of the scheduled window (the source's repeat_after, at least 10).
+SCHEDULE_REPEAT_AFTER = 30
 # The error of an arrival the client did not send because --max-in-flight requests were already waiting.
 NOT_SENT = "client in-flight cap"
 
@@ -67,8 +72,16 @@ def scaled_windows(compression: float) -> dict[str, float]:
     return {f"autoscale_pressure_{name}": max(floor, default / compression) for name, (default, floor) in PRESSURE_WINDOWS.items()}
 
 
-async def _open_loop(lab: capacity.Lab, model: str, arrivals: list[tuple[float, str]], max_in_flight: int, request_timeout: float) -> list[tuple]:
+async def _open_loop(
+    lab: capacity.Lab, model: str, arrivals: list[tuple[float, str]], max_in_flight: int, request_timeout: float, start_at: float | None = None
+) -> list[tuple]:
     import aiohttp
+
+    if start_at is not None:
+        late = time.time() - start_at
+        if late > 0:
+            raise SystemExit(f"the replay was to start at {start_at:.0f} (the schedule's windows follow from it), {late:.1f} s ago; raise SCHEDULE_START_DELAY")
+        await asyncio.sleep(start_at - time.time())
 
     url, token, ca_file = lab.endpoint()
     body = capacity.jpeg_body(0).data
@@ -153,6 +166,29 @@ def baseline(lab: capacity.Lab, args):
               f"{result['failed']} failed, target {args.p95_target} s {'held' if result['held'] else 'NOT held'}", flush=True)  # fmt: skip
 
 
+def peak_schedule(args, start_at: float) -> dict:
+    """The rulebook variables of a scale_schedule window over the replay's peak, the first arrival at ``start_at``."""
+    offset = 0.0
+    for phase, hours in DAY:
+        length = hours * 3600 / args.compression
+        if phase == "peak":
+            peak_start, peak_end = start_at + offset, start_at + offset + length
+            break
+        offset += length
+
+    def clock(epoch: float) -> str:
+        return datetime.fromtimestamp(epoch, UTC).strftime("%H:%M:%S")
+
+    entry = {"name": "replay peak", "service": args.model, "replicas": args.schedule_replicas or args.baseline_peak,
+             "start": clock(peak_start), "end": clock(peak_end)}  # fmt: skip
+    return {
+        "autoscale_schedule": [entry],
+        "autoscale_schedule_timezone": "UTC",
+        "autoscale_schedule_lead": args.schedule_lead,
+        "autoscale_schedule_repeat_after": SCHEDULE_REPEAT_AFTER,
+    }
+
+
 def replay(lab: capacity.Lab, args):
     # Grow and shrink by the 2 workers the peak needs (bench/capacity/inventory_overrides.yml reads the step).
     os.environ["MLFLEET_BENCH_STEP"] = str(args.step)
@@ -163,13 +199,18 @@ def replay(lab: capacity.Lab, args):
     settings = scaled_windows(args.compression)
     length = sum(hours for _phase, hours in DAY) * 3600 / args.compression
     print(f"replay: {len(arrivals)} requests over {length:.0f} s (compression {args.compression}); rulebook windows {settings}", flush=True)
+    start_at, scheduled = None, {}
+    if args.schedule_lead is not None:
+        start_at = float(int(time.time() + SCHEDULE_START_DELAY))
+        scheduled = peak_schedule(args, start_at)
+        print(f"replay: first arrival at {datetime.fromtimestamp(start_at, UTC):%H:%M:%S} UTC; schedule {scheduled}", flush=True)
     managers = lab.manager_vmids(lab.nodes())
     started = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     audit_from = time.time()
-    with capacity.Autoscaler(lab.env(2), lab.state, lab.inventory, settings, lab.state / "bench" / "autoscaler.log"):
+    with capacity.Autoscaler(lab.env(2), lab.state, lab.inventory, settings | scheduled, lab.state / "bench" / "autoscaler.log"):
         sampler = capacity.Sampler(lab, args.model)
         sampler.start()
-        records = asyncio.run(_open_loop(lab, args.model, arrivals, args.max_in_flight, args.request_timeout))
+        records = asyncio.run(_open_loop(lab, args.model, arrivals, args.max_in_flight, args.request_timeout, start_at))
         sampler.stop()
     capacity.wait_for_autoscaler_runs(lab)
     scale = capacity.scale_events_since(audit_from, lab.state, keys=("time", "action", "decision", "reason"))
@@ -184,7 +225,7 @@ def replay(lab: capacity.Lab, args):
     per_window = windows(records, args.window)
     result = {
         "kind": "replay", "model": args.model, "compression": args.compression, "rate_low": args.rate_low, "rate_peak": args.rate_peak,
-        "rulebook_windows": settings, "p95_target_s": args.p95_target, "held": held(per_window, args.p95_target),
+        "rulebook_windows": settings, "schedule": scheduled, "p95_target_s": args.p95_target, "held": held(per_window, args.p95_target),
         "windows": per_window, "window_s": args.window, "manager_vmids": sorted(managers),
         "windows_not_held": [w for w in per_window if not held([w], args.p95_target)], "worker_seconds": round(worker_seconds, 1),
         "baseline_worker_seconds": round(baseline_seconds, 1), "saving": round(1 - worker_seconds / baseline_seconds, 4),
@@ -292,6 +333,13 @@ def main() -> int:
     day.add_argument("--baseline-peak", type=int, required=True, help="smallest fixed workers that hold the p95 target at the peak rate")
     day.add_argument("--baseline-low", type=int, required=True, help="the same at the low rate")
     day.add_argument("--step", type=int, default=2, help="replicas and worker VMs added or removed per scale action")
+    day.add_argument(
+        "--schedule-lead",
+        type=float,
+        default=None,
+        help="seconds: also ask the autoscaler's scale_schedule source for the peak's replicas this long before the peak (default: no schedule)",
+    )
+    day.add_argument("--schedule-replicas", type=int, default=None, help="the scheduled floor of replicas (default: --baseline-peak)")
     commands.add_parser("report", help="print the recorded results and draw the latest replay")
     args = parser.parse_args()
     if args.command == "report":

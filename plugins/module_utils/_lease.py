@@ -5,7 +5,9 @@
 Only one scale playbook may act at a time. A run takes the lease for ``ttl`` seconds (taking it again with the same
 holder renews it) and gives it back when done; a run that crashed holds it only until it expires, and the next run
 takes it over and is told whose lease it replaced. Giving the lease back also records when each ``<service>:<action>``
-last acted, so a playbook honours cooldowns as ``now - last_actions[key]``.
+last acted, so a playbook honours cooldowns as ``now - last_actions[key]``, and the replica floors a scheduled
+scale-out set (``floors``: at least ``replicas`` of a service until an epoch time), so a scale-in during the scheduled
+window keeps them. Expired floors are dropped at the next write.
 
 Every read-modify-write happens under an exclusive ``flock`` on the sidecar ``<path>.lock``. The data file is never
 locked: it is replaced atomically (a temporary file in the same directory, fsync, ``os.replace``), so a reader without
@@ -84,7 +86,56 @@ def data_problem(data):
     for key, when in last_actions.items():
         if not is_time(when):
             return f"last_actions[{key!r}] is not a number"
+    floors = data.get("floors", {})
+    if not isinstance(floors, dict):
+        return "'floors' is not an object"
+    for service, entries in floors.items():
+        if not isinstance(entries, list):
+            return f"floors[{service!r}] is not a list"
+        for entry in entries:
+            problem = floor_problem(entry)
+            if problem:
+                return f"floors[{service!r}]: {problem}"
     return None
+
+
+def floor_problem(entry):
+    """What is wrong with one stored floor ``{replicas, until, reason}``, or None."""
+    if not isinstance(entry, dict):
+        return "an entry is not an object"
+    replicas = entry.get("replicas")
+    if not isinstance(replicas, int) or isinstance(replicas, bool) or replicas < 0:
+        return f"replicas {replicas!r} is not a whole number of 0 or more"
+    if not is_time(entry.get("until")):
+        return f"until {entry.get('until')!r} is not a number"
+    if entry.get("reason") is not None and not isinstance(entry["reason"], str):
+        return "reason is not a string"
+    return None
+
+
+def check_floors(floors):
+    """``floors`` as ``{service: [{replicas, until, reason}]}``; LeaseError naming the entry at fault."""
+    checked = {}
+    for index, floor in enumerate(floors):
+        if not isinstance(floor, dict) or not isinstance(floor.get("service"), str) or not floor["service"].strip():
+            raise LeaseError(f"floors[{index}] must have a service, the name of a Swarm service such as 'resnet18'; got {floor!r}")
+        entry = {"replicas": floor.get("replicas"), "until": floor.get("until"), "reason": floor.get("reason")}
+        problem = floor_problem(entry)
+        if problem:
+            raise LeaseError(f"floors[{index}] ({floor['service']}): {problem}; give replicas as the fewest replicas and until as epoch seconds")
+        checked.setdefault(floor["service"], []).append(entry)
+    return checked
+
+
+def live_floors(floors, now):
+    """The floors that have not expired at ``now``, per service."""
+    live = {service: [dict(entry) for entry in entries if entry["until"] > now] for service, entries in floors.items()}
+    return {service: entries for service, entries in live.items() if entries}
+
+
+def highest_floors(floors, now):
+    """Per service, its highest live floor (of equal ones, the one that lasts longest)."""
+    return {service: max(entries, key=lambda entry: (entry["replicas"], entry["until"])) for service, entries in live_floors(floors, now).items()}
 
 
 def check_holder(holder):
@@ -112,6 +163,7 @@ def describe(state, now):
         "expires_at": lease["expires_at"] if lease else None,
         "expires_in": round(max(lease["expires_at"] - now, 0.0), 3) if lease else None,
         "last_actions": dict(state["last_actions"]),
+        "floors": highest_floors(state["floors"], now),
         "now": now,
     }
 
@@ -176,7 +228,7 @@ class LeaseFile:
             os.close(descriptor)
 
     def read(self):
-        """The file as ``{"lease": dict or None, "last_actions": {key: epoch}}``; a missing file is an empty one.
+        """The file as ``{"lease": dict or None, "last_actions": {key: epoch}, "floors": {service: [floor]}}``; a missing file is an empty one.
 
         Safe without the lock, since the file is only ever replaced whole.
         """
@@ -185,7 +237,7 @@ class LeaseFile:
             with open(self.path, "rb") as handle:
                 raw = handle.read()
         except FileNotFoundError:
-            return {"lease": None, "last_actions": {}}
+            return {"lease": None, "last_actions": {}, "floors": {}}
         except OSError as error:
             raise LeaseError(
                 f"cannot read the lease file {self.path}: {error.strerror}. "
@@ -199,11 +251,20 @@ class LeaseFile:
         if problem:
             raise LeaseError(f"the lease file {self.path} is corrupt ({problem}). {DELETE_HINT}")
         lease = data.get("lease")
-        return {"lease": dict(lease) if lease else None, "last_actions": {key: float(when) for key, when in data.get("last_actions", {}).items()}}
+        return {
+            "lease": dict(lease) if lease else None,
+            "last_actions": {key: float(when) for key, when in data.get("last_actions", {}).items()},
+            "floors": {service: [dict(entry) for entry in entries] for service, entries in data.get("floors", {}).items()},
+        }
 
-    def _write(self, state):
-        """Replace the file with ``state`` atomically, mode 0600. Call under the lock."""
-        data = {"version": FORMAT_VERSION, "lease": state["lease"], "last_actions": dict(sorted(state["last_actions"].items()))}
+    def _write(self, state, now):
+        """Replace the file with ``state`` atomically, mode 0600, without the floors expired at ``now``. Call under the lock."""
+        data = {
+            "version": FORMAT_VERSION,
+            "lease": state["lease"],
+            "last_actions": dict(sorted(state["last_actions"].items())),
+            "floors": dict(sorted(live_floors(state["floors"], now).items())),
+        }
         payload = (json.dumps(data, indent=2, allow_nan=False) + "\n").encode("utf-8")
         temporary = None
         try:
@@ -256,9 +317,10 @@ class LeaseFile:
         state = {
             "lease": {"holder": holder, "reason": reason, "acquired_at": acquired_at, "expires_at": now + ttl, "ttl": ttl},
             "last_actions": state["last_actions"],
+            "floors": state["floors"],
         }
         if write:
-            self._write(state)
+            self._write(state, now)
         return dict(result, acquired=True, changed=True, **describe(state, now))
 
     def acquire(self, holder, ttl, reason=None, wait_timeout=0, poll_interval=1.0, check_mode=False):
@@ -284,27 +346,32 @@ class LeaseFile:
         result["waited"] = round(waited, 3)
         return result
 
-    def release(self, holder, acted=(), now=None, check_mode=False):
-        """Give the lease back when ``holder`` holds it, and record ``now`` as the last action time of each key of ``acted``.
+    def release(self, holder, acted=(), now=None, check_mode=False, floors=()):
+        """Give the lease back when ``holder`` holds it, record ``now`` as the last action time of each key of ``acted``,
+        and add ``floors`` (``[{service, replicas, until, reason}]``).
 
-        When another holder (or nobody) holds it, nothing changes and ``acted`` is not recorded, so a late release after
-        a takeover never frees someone else's lease.
+        When another holder (or nobody) holds it, nothing changes and neither ``acted`` nor ``floors`` is recorded, so a
+        late release after a takeover never frees someone else's lease.
         """
         check_holder(holder)
         keys = check_acted(acted)
+        new_floors = check_floors(floors)
         if check_mode:
-            return self._release(self.read(), holder, keys, self._now(now), write=False)
+            return self._release(self.read(), holder, keys, new_floors, self._now(now), write=False)
         with self.locked():
-            return self._release(self.read(), holder, keys, self._now(now), write=True)
+            return self._release(self.read(), holder, keys, new_floors, self._now(now), write=True)
 
-    def _release(self, state, holder, keys, now, write):
+    def _release(self, state, holder, keys, new_floors, now, write):
         lease = state["lease"]
         if lease is None or lease["holder"] != holder:
             return dict(holder=holder, released=False, changed=False, **describe(state, now))
         last_actions = dict(state["last_actions"])
         for key in keys:
             last_actions[key] = now
-        state = {"lease": None, "last_actions": last_actions}
+        floors = {service: list(entries) for service, entries in state["floors"].items()}
+        for service, entries in new_floors.items():
+            floors[service] = floors.get(service, []) + [entry for entry in entries if entry not in floors.get(service, [])]
+        state = {"lease": None, "last_actions": last_actions, "floors": floors}
         if write:
-            self._write(state)
+            self._write(state, now)
         return dict(holder=holder, released=True, changed=True, **describe(state, now))

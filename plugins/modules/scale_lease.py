@@ -22,6 +22,9 @@ description:
     O(acted) is not recorded, so a late release after a takeover never frees someone else's lease.
   - Every call returns RV(last_actions) and RV(now), so a playbook honours a cooldown as
     C(now - last_actions[key]). Times are epoch seconds of the wall clock, since several processes share the file.
+  - O(state=released) also records O(floors), the fewest replicas a service keeps until a given time (a scheduled
+    scale-out sets one for its window). Every call returns the highest floor of each service that has not expired in
+    RV(floors), so a scale-in during the window keeps it. Expired floors are dropped at the next write.
   - Every change is made under an exclusive C(flock) on the file O(path) with C(.lock) appended. The lease file itself
     is replaced atomically (written to a temporary file in its directory, synced, renamed) with mode 0600.
   - A corrupt or unreadable lease file makes the module fail with a message naming it; it is not reset, because that
@@ -99,6 +102,30 @@ options:
     type: list
     elements: str
     default: []
+  floors:
+    description:
+      - Replica floors to record, only with O(state=released), and only when the release gives back the lease of O(holder).
+      - A floor keeps at least O(floors[].replicas) replicas of O(floors[].service) until O(floors[].until); the highest
+        live floor of each service is returned in RV(floors) by every later call.
+    type: list
+    elements: dict
+    default: []
+    suboptions:
+      service:
+        description: The Swarm service the floor is for.
+        type: str
+        required: true
+      replicas:
+        description: The fewest replicas the service keeps while the floor lasts.
+        type: int
+        required: true
+      until:
+        description: When the floor ends, epoch seconds.
+        type: float
+        required: true
+      reason:
+        description: Why, for example the schedule entry that set it.
+        type: str
   fail_when_busy:
     description:
       - Fail, naming the holder, its reason and when its lease expires, when another holder's live lease still exists
@@ -238,6 +265,13 @@ last_actions:
   returned: success, and when O(fail_when_busy=true) fails the run
   type: dict
   sample: {"resnet18:scale_out": 1714564500.5, "resnet18:scale_in": 1714561000.0}
+floors:
+  description:
+    - Per service, its highest replica floor that has not expired, with when it ends and why it was set.
+    - In a template, read a service that may be missing as C(floors[service].replicas | default(0)).
+  returned: success, and when O(fail_when_busy=true) fails the run
+  type: dict
+  sample: {"resnet18": {"replicas": 4, "until": 1714586400.0, "reason": "schedule peak: 4 replicas 06:00-12:00 UTC"}}
 now:
   description: The time of the decision, epoch seconds of the control host's wall clock; a cooldown has passed when C(now - last_actions[key]) exceeds it.
   returned: success, and when O(fail_when_busy=true) fails the run
@@ -262,6 +296,17 @@ def argument_spec():
         poll_interval=dict(type="float", default=1.0),
         reason=dict(type="str"),
         acted=dict(type="list", elements="str", default=[]),
+        floors=dict(
+            type="list",
+            elements="dict",
+            default=[],
+            options=dict(
+                service=dict(type="str", required=True),
+                replicas=dict(type="int", required=True),
+                until=dict(type="float", required=True),
+                reason=dict(type="str"),
+            ),
+        ),
         fail_when_busy=dict(type="bool", default=False),
     )
 
@@ -280,11 +325,12 @@ def main():
     module = AnsibleModule(argument_spec=argument_spec(), required_if=[("state", "released", ("holder",))], supports_check_mode=True)
     params = module.params
     lease = LeaseFile(params["path"])
-    if params["state"] == "acquired" and params["acted"]:
-        module.fail_json(msg="acted is recorded when the lease is given back: pass it with state=released")
+    for name in ("acted", "floors"):
+        if params["state"] == "acquired" and params[name]:
+            module.fail_json(msg=f"{name} is recorded when the lease is given back: pass it with state=released")
     try:
         if params["state"] == "released":
-            result = lease.release(params["holder"], params["acted"], check_mode=module.check_mode)
+            result = lease.release(params["holder"], params["acted"], check_mode=module.check_mode, floors=params["floors"])
         else:
             result = lease.acquire(
                 params["holder"] if params["holder"] is not None else new_holder(),

@@ -107,7 +107,7 @@ print(json.dumps({
 """
     found = json.loads(run([sys.executable, "-c", probe], env=installed["env"], cwd=installed["cwd"]).stdout)
     root = str(installed["collections"] / "ansible_collections" / "mlfleet" / "serving")
-    assert set(found["sources"]) == {"mlfleet.serving.grafana_alerts", "mlfleet.serving.serving_pressure"}
+    assert set(found["sources"]) == {"mlfleet.serving.grafana_alerts", "mlfleet.serving.serving_pressure", "mlfleet.serving.scale_schedule"}
     assert set(found["playbooks"]) == {"mlfleet.serving.scale_out", "mlfleet.serving.scale_in"}
     assert all(path.startswith(root) for path in [*found["sources"].values(), *found["playbooks"].values()]), found
     for playbook in ("scale_out", "scale_in", "scale_replicas", "teardown"):

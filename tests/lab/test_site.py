@@ -381,6 +381,54 @@ def test_a_replica_killed_under_load_is_counted_and_replaced(site):
     assert len(servers_up(site, "resnet18")) == 2
 
 
+def scale_run(site, playbook, event):
+    """A scale playbook as ansible-rulebook runs it: the event in ansible_eda.event."""
+    return run(["ansible-playbook", "-i", site["inventory"], "-e", json.dumps({"ansible_eda": {"event": event}}), f"playbooks/{playbook}.yml"],
+               env=site["env"], timeout=600)  # fmt: skip
+
+
+def test_a_scheduled_floor_raises_the_replicas_and_holds_them_through_a_scale_in_until_it_ends(site):
+    """The scale playbooks with an event of the scale_schedule source, shaped as its unit tests show it."""
+    assert len(servers_up(site, "densenet161")) == 1
+    started = time.time()
+    until = started + 100
+    since = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(started))
+
+    def decisions():
+        return [e for e in audit_events(site["state"], kind="scale", service="densenet161") if e["time"] >= since]
+
+    scheduled = {
+        "action": "scale_out", "status": "firing", "service": "densenet161", "cluster": "lab", "alertname": "ScheduledCapacity",
+        "min_replicas": 2, "until": until, "source": "schedule", "received_at": started,
+        "values": {"min_replicas": 2, "window_start": started, "window_end": until, "lead_s": 0, "schedule": "test peak"},
+    }  # fmt: skip
+    scale_run(site, "scale_out", scheduled)
+    wait_for("2 densenet161 tasks up in the proxy", lambda: len(servers_up(site, "densenet161")) == 2, timeout=180)
+    (raised,) = decisions()
+    assert raised["source"] == "schedule" and raised["decision"] == "acted", raised
+    assert raised["fields"]["replicas_before"] == 1 and raised["fields"]["replicas_after"] == 2, raised
+    assert "scheduled floor 2 replicas until" in raised["reason"] and "(schedule test peak)" in raised["reason"], raised
+    lease = json.loads((site["state"] / "autoscale.lease").read_text())
+    assert lease["floors"]["densenet161"] == [{"replicas": 2, "until": until, "reason": "schedule test peak"}], lease
+
+    # A calm the fast path would act on, once the lab's cooldowns (scale_in_after_scale_out 20 s) are over.
+    time.sleep(max(0.0, 22 - (time.time() - started)))
+    calm = {"action": "scale_in", "status": "firing", "service": "densenet161", "source": "serving_pressure", "received_at": time.time(), "values": {}}
+    scale_run(site, "scale_in", calm)
+    kept = decisions()[-1]
+    assert kept["action"] == "scale_in" and kept["decision"] == "not_acted", kept
+    assert "at its minimum of 2 replicas" in kept["reason"] and "scheduled floor 2 replicas" in kept["reason"], kept
+    assert len(servers_up(site, "densenet161")) == 2
+
+    # After the window, the same calm brings the service back to its own minimum.
+    time.sleep(max(0.0, until + 1 - time.time()))
+    scale_run(site, "scale_in", calm | {"received_at": time.time()})
+    lowered = decisions()[-1]
+    assert lowered["decision"] == "acted" and lowered["fields"]["replicas_after"] == 1 and "scheduled floor" not in lowered["reason"], lowered
+    wait_for("1 densenet161 task up in the proxy", lambda: len(servers_up(site, "densenet161")) == 1, timeout=180)
+    assert "densenet161" not in json.loads((site["state"] / "autoscale.lease").read_text())["floors"]
+
+
 # Autoscaling: the real ansible-rulebook with the collection's rulebook, both event sources and the scale playbooks,
 # against this lab. The fast path drives the scaling (no webhook is posted for it); the Grafana path is driven with
 # notifications shaped exactly like Grafana's.

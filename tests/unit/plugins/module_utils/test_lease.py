@@ -87,12 +87,14 @@ def test_a_free_lease_is_taken(lease, path):
         "expires_at": T0 + 60,
         "expires_in": 60.0,
         "last_actions": {},
+        "floors": {},
         "now": T0,
     }
     assert stored(path) == {
         "version": 1,
         "lease": {"holder": "run-a", "reason": "scale_out of resnet18", "acquired_at": T0, "expires_at": T0 + 60, "ttl": 60},
         "last_actions": {},
+        "floors": {},
     }
 
 
@@ -149,9 +151,15 @@ def test_release_gives_the_lease_back_and_records_acted(lease, path):
         "expires_at": None,
         "expires_in": None,
         "last_actions": {"resnet18:scale_out": T0 + 20, "resnet18:scale_replicas": T0 + 20},
+        "floors": {},
         "now": T0 + 20,
     }
-    assert stored(path) == {"version": 1, "lease": None, "last_actions": {"resnet18:scale_out": T0 + 20, "resnet18:scale_replicas": T0 + 20}}
+    assert stored(path) == {
+        "version": 1,
+        "lease": None,
+        "last_actions": {"resnet18:scale_out": T0 + 20, "resnet18:scale_replicas": T0 + 20},
+        "floors": {},
+    }
 
     again = lease.release("run-a", ["resnet18:scale_out"], now=T0 + 30)
     assert not again["released"] and not again["changed"] and again["held_by"] is None
@@ -174,6 +182,72 @@ def test_a_newer_action_replaces_the_older_record(lease):
     lease.release("run-a", ["resnet18:scale_out"], now=T0 + 1)
     lease.try_acquire("run-b", 60, now=T0 + 400)
     assert lease.release("run-b", ["resnet18:scale_out"], now=T0 + 410)["last_actions"] == {"resnet18:scale_out": T0 + 410}
+
+
+# Replica floors
+
+
+def floor(service="resnet18", replicas=4, until=T0 + 600, reason="schedule peak"):
+    return {"service": service, "replicas": replicas, "until": until, "reason": reason}
+
+
+def test_release_records_floors_and_every_call_returns_the_highest_live_one(lease, path):
+    lease.try_acquire("run-a", 60, now=T0)
+    released = lease.release("run-a", floors=[floor(replicas=4, until=T0 + 600), floor("densenet161", 2, T0 + 300)], now=T0 + 10)
+    assert released["floors"] == {
+        "resnet18": {"replicas": 4, "until": T0 + 600, "reason": "schedule peak"},
+        "densenet161": {"replicas": 2, "until": T0 + 300, "reason": "schedule peak"},
+    }
+    lease.try_acquire("run-b", 60, now=T0 + 20)
+    # A lower floor that lasts longer does not hide the higher one while both hold; afterwards it is the floor.
+    lease.release("run-b", floors=[floor(replicas=3, until=T0 + 900, reason="schedule late")], now=T0 + 30)
+    assert lease.try_acquire("run-c", 60, now=T0 + 40)["floors"]["resnet18"] == {"replicas": 4, "until": T0 + 600, "reason": "schedule peak"}
+    lease.release("run-c", now=T0 + 50)
+    later = lease.try_acquire("run-d", 60, now=T0 + 700)
+    assert later["floors"] == {"resnet18": {"replicas": 3, "until": T0 + 900, "reason": "schedule late"}}
+    # The write at T0 + 700 dropped the floors that had expired.
+    assert stored(path)["floors"] == {"resnet18": [{"replicas": 3, "until": T0 + 900, "reason": "schedule late"}]}
+    lease.release("run-d", now=T0 + 710)
+    assert lease.try_acquire("run-e", 60, now=T0 + 900)["floors"] == {}
+
+
+def test_the_same_floor_twice_is_stored_once(lease, path):
+    for run, now in (("run-a", T0), ("run-b", T0 + 60)):
+        lease.try_acquire(run, 60, now=now)
+        lease.release(run, floors=[floor()], now=now + 1)
+    assert stored(path)["floors"] == {"resnet18": [{"replicas": 4, "until": T0 + 600, "reason": "schedule peak"}]}
+
+
+def test_floors_of_a_release_that_does_not_hold_the_lease_are_not_recorded(lease, path):
+    lease.try_acquire("run-a", 60, now=T0)
+    before = content(path)
+    result = lease.release("run-b", floors=[floor()], now=T0 + 5)
+    assert not result["released"] and result["floors"] == {}
+    assert content(path) == before
+
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        ({"replicas": 4, "until": T0}, "floors[0] must have a service"),
+        (floor(replicas=-1), "floors[0] (resnet18): replicas -1 is not a whole number of 0 or more"),
+        (floor(replicas=True), "replicas True is not a whole number"),
+        (floor(until="tomorrow"), "until 'tomorrow' is not a number"),
+    ],
+)
+def test_a_bad_floor_is_named_and_changes_nothing(lease, path, bad, message):
+    lease.try_acquire("run-a", 60, now=T0)
+    before = content(path)
+    with pytest.raises(LeaseError, match=re.escape(message)):
+        lease.release("run-a", floors=[bad], now=T0 + 1)
+    assert content(path) == before
+
+
+def test_a_file_without_floors_from_an_earlier_version_is_read(path):
+    with open(path, "w", encoding="utf-8") as handle:
+        json.dump({"version": 1, "lease": None, "last_actions": {"resnet18:scale_out": T0}}, handle)
+    result = LeaseFile(path).try_acquire("run-a", 60, now=T0 + 1)
+    assert result["acquired"] and result["floors"] == {} and result["last_actions"] == {"resnet18:scale_out": T0}
 
 
 def test_release_by_another_holder_changes_nothing(lease, path):
@@ -352,6 +426,10 @@ CORRUPT = [
     (b'{"last_actions": []}', "'last_actions' is not an object"),
     (b'{"last_actions": {"resnet18:scale_out": "yesterday"}}', "last_actions['resnet18:scale_out'] is not a number"),
     (b'{"version": 2, "lease": null}', "format version 2"),
+    (b'{"floors": []}', "'floors' is not an object"),
+    (b'{"floors": {"resnet18": {"replicas": 4}}}', "floors['resnet18'] is not a list"),
+    (b'{"floors": {"resnet18": [{"replicas": 4.5, "until": 1}]}}', "floors['resnet18']: replicas 4.5 is not a whole number"),
+    (b'{"floors": {"resnet18": [{"replicas": 4, "until": null}]}}', "floors['resnet18']: until None is not a number"),
 ]
 
 

@@ -105,6 +105,17 @@ def test_release_records_acted_and_a_second_release_changes_nothing(lease, path)
     assert later["now"] - later["last_actions"]["resnet18:scale_out"] >= 0
 
 
+def test_release_records_a_floor_that_later_calls_return_until_it_ends(lease, path):
+    taken = lease(reason="scale_out of resnet18 from schedule")
+    until = taken["now"] + 3600
+    released = lease(state="released", holder=taken["holder"], floors=[{"service": "resnet18", "replicas": 4, "until": until, "reason": "schedule peak"}])
+    assert released["rc"] == 0 and released["released"]
+    assert released["floors"] == {"resnet18": {"replicas": 4, "until": until, "reason": "schedule peak"}}
+    later = lease()
+    assert later["acquired"] and later["floors"]["resnet18"]["replicas"] == 4
+    assert stored(path)["floors"] == {"resnet18": [{"replicas": 4, "until": until, "reason": "schedule peak"}]}
+
+
 def test_release_by_another_holder_frees_nothing(lease, path):
     taken = lease(reason="scale_in of densenet161")
     result = lease(state="released", holder="someone-else", acted=["densenet161:scale_in"])
@@ -179,6 +190,8 @@ def test_a_corrupt_file_fails_and_is_kept(lease, path):
     [
         ({"state": "released"}, "state is released but all of the following are missing: holder"),
         ({"acted": ["resnet18:scale_out"]}, "acted is recorded when the lease is given back: pass it with state=released"),
+        ({"floors": [{"service": "resnet18", "replicas": 4, "until": 1.0}]}, "floors is recorded when the lease is given back"),
+        ({"state": "released", "holder": "run-a", "floors": [{"service": "resnet18", "until": 1.0}]}, "missing required arguments: replicas"),
         ({"ttl": 0}, "ttl must be a positive number of seconds, got 0"),
         ({"wait_timeout": -1}, "wait_timeout must be 0 or a positive number of seconds, got -1"),
         ({"poll_interval": 0}, "poll_interval must be at least 0.01 seconds"),
