@@ -8,14 +8,14 @@ as the edge proxy's unused slots), and the edge proxy's server-less `no_such_mod
 """
 
 import hashlib
-import importlib.util
 import socket
 import subprocess
-import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+
+from event_source_support import load_event_source
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
 SOURCE_PATH = REPO_ROOT / "extensions/eda/plugins/event_source/serving_pressure.py"
@@ -23,12 +23,8 @@ HAPROXY = Path("/usr/sbin/haproxy")
 
 
 def load_source():
-    """The event source as a module, loaded from its file like ansible-rulebook does (it is no importable package)."""
-    spec = importlib.util.spec_from_file_location("mlfleet_serving_pressure", SOURCE_PATH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    """serving_pressure as a module, loaded from its file like ansible-rulebook does."""
+    return load_event_source("serving_pressure")
 
 
 def free_port() -> int:

@@ -9,7 +9,6 @@ import datetime
 import functools
 import hashlib
 import hmac
-import importlib.util
 import ipaddress
 import json
 import logging
@@ -19,29 +18,20 @@ import signal
 import socket
 import ssl
 import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
 import pytest
+from event_source_support import load_event_source
 
 REPO = Path(__file__).resolve().parents[3]
-SOURCE_FILE = REPO / "extensions" / "eda" / "plugins" / "event_source" / "grafana_alerts.py"
 SAMPLE_FILE = REPO.parent / "shared" / "grafana" / "webhook-firing-sample.json"
 
 
-def _load_source():
-    # An event source is loaded by file (ansible-rulebook uses runpy), not imported from the collection.
-    spec = importlib.util.spec_from_file_location("mlfleet_serving_grafana_alerts", SOURCE_FILE)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-grafana_alerts = _load_source()
+# An event source is loaded by file (ansible-rulebook uses runpy), not imported from the collection.
+grafana_alerts = load_event_source("grafana_alerts")
 
 TOKEN = "tok-3c9a7e51d0b24f68a1c2"
 HMAC_SECRET = "hmac-8f1e2d3c4b5a69788796"

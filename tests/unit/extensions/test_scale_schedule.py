@@ -5,29 +5,15 @@ the test starts, in the time zone's local time.
 """
 
 import asyncio
-import importlib.util
-import sys
 import time
 from datetime import UTC, datetime
-from pathlib import Path
 from zoneinfo import ZoneInfo
 
 import pytest
 import yaml
+from event_source_support import load_event_source
 
-SOURCE_PATH = Path(__file__).resolve().parents[3] / "extensions/eda/plugins/event_source/scale_schedule.py"
-
-
-def load_source():
-    """The event source as a module, loaded from its file like ansible-rulebook does (it is no importable package)."""
-    spec = importlib.util.spec_from_file_location("mlfleet_scale_schedule", SOURCE_PATH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-ss = load_source()
+ss = load_event_source("scale_schedule")
 PEAK = {"name": "peak", "service": "resnet18", "replicas": 4, "start": "06:00", "end": "12:00"}
 
 
