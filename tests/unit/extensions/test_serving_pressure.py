@@ -404,6 +404,42 @@ def test_an_event_due_during_the_lease_is_held_back_and_goes_out_after_it():
     assert tracker.held_back == [("resnet18", "scale_out")]
 
 
+def observe_with_actions(tracker, schedule, acted):
+    """Feed (second, rows) pairs with the lease file's last_actions as they stand at each second: {key: (recorded at
+    second, acted at second)}; return (second, event) pairs."""
+    events = []
+    for second, rows in schedule:
+        known = {key: T0 + at for key, (recorded, at) in acted.items() if recorded <= second}
+        events.extend((second, event) for event in tracker.observe(rows, T0 + second, acted=known))
+    return events
+
+
+def test_a_scale_action_restarts_the_window_and_the_repeat_wait_as_an_event_would():
+    busy = every(0, 80, 2, poll_rows(per_server=8.0))
+    # Without the action: the window from 2 (the first poll is only observed), due at 8, then every repeat_after (30 s).
+    assert seconds(run(sp.PressureTracker(), busy)) == [8, 38, 68]
+    # The event at 8 started a scale-out that ended at 20: the next waits 30 s from its end, on the capacity it left.
+    after_scale_out = observe_with_actions(sp.PressureTracker(), busy, {"resnet18:scale_out": (20, 20)})
+    assert seconds(after_scale_out) == [8, 50]
+    # An action of another service or of the other direction changes nothing.
+    other = {"densenet161:scale_out": (20, 20), "resnet18:scale_in": (20, 20)}
+    assert seconds(observe_with_actions(sp.PressureTracker(), busy, other)) == [8, 38, 68]
+
+
+def test_the_window_after_a_scale_action_needs_the_condition_for_a_whole_window():
+    tracker = sp.PressureTracker(out_for=10, repeat_after=0)
+    # Busy from 2, an action ends at 20 (recorded then): the condition must hold from 20 to 30 before the next event.
+    events = observe_with_actions(tracker, every(0, 40, 2, poll_rows(per_server=8.0)), {"resnet18:scale_out": (20, 20)})
+    assert seconds(events) == [12, 30]
+    assert payloads(events)[1]["values"]["held_s"] == 28.0, "held_s still counts from when the condition began"
+
+
+def test_an_action_time_ahead_of_the_sources_clock_is_left_out():
+    tracker = sp.PressureTracker(out_for=6, repeat_after=10)
+    events = observe_with_actions(tracker, every(0, 40, 2, poll_rows(per_server=8.0)), {"resnet18:scale_out": (12, 500)})
+    assert seconds(events) == [8, 18, 28, 38], "an action recorded as ending at 500 would hold every event back until then"
+
+
 def test_an_event_held_back_is_dropped_when_its_condition_has_passed():
     tracker = sp.PressureTracker()
     # The whole window passes under the lease; the condition breaks just after it: nothing goes out.
@@ -421,17 +457,20 @@ def lease_module():
     return load_lease_module()
 
 
-def test_live_lease_reads_the_playbooks_lease_file(tmp_path, lease_module):
+def test_read_lease_reads_the_playbooks_lease_file(tmp_path, lease_module):
     path = tmp_path / "autoscale.lease"
-    assert sp.live_lease(str(path), time.time()) is None, "no file: no lease"
+    assert sp.read_lease(str(path), time.time()) == sp.LeaseState(), "no file: no lease, no action"
     lease = lease_module.LeaseFile(str(path))
     lease.try_acquire("ctl:4242:beef", ttl=60, reason="scale_out resnet18 from serving_pressure")
-    holder, description = sp.live_lease(str(path), time.time())
-    assert holder == "ctl:4242:beef"
-    assert description.startswith("ctl:4242:beef (scale_out resnet18 from serving_pressure), for ")
-    assert sp.live_lease(str(path), time.time() + 61) is None, "an expired lease holds nothing"
+    state = sp.read_lease(str(path), time.time())
+    assert state.holder == "ctl:4242:beef" and state.last_actions == {}
+    assert state.description.startswith("ctl:4242:beef (scale_out resnet18 from serving_pressure), for ")
+    assert sp.read_lease(str(path), time.time() + 61).holder is None, "an expired lease holds nothing"
+    before = time.time()
     lease.release("ctl:4242:beef", acted=["resnet18:scale_out"])
-    assert sp.live_lease(str(path), time.time()) is None, "a lease given back holds nothing"
+    state = sp.read_lease(str(path), time.time())
+    assert state.holder is None, "a lease given back holds nothing"
+    assert list(state.last_actions) == ["resnet18:scale_out"] and before <= state.last_actions["resnet18:scale_out"] <= time.time()
 
 
 @pytest.mark.parametrize(
@@ -441,13 +480,15 @@ def test_live_lease_reads_the_playbooks_lease_file(tmp_path, lease_module):
         ('{"version": 1}', "no 'lease' key"),
         ('["lease"]', "no 'lease' key"),
         ('{"lease": {"holder": "x"}}', "no lease.expires_at"),
+        ('{"lease": null, "last_actions": {"resnet18:scale_out": "soon"}}', "last_actions is not a map of times"),
+        ('{"lease": null, "last_actions": [1]}', "last_actions is not a map of times"),
     ],
 )
 def test_a_lease_file_that_is_not_a_lease_is_named(tmp_path, content, message):
     path = tmp_path / "autoscale.lease"
     path.write_text(content)
     with pytest.raises(sp.LeaseReadError, match=message.replace(".", r"\.")) as caught:
-        sp.live_lease(str(path), time.time())
+        sp.read_lease(str(path), time.time())
     assert str(path) in str(caught.value)
 
 
@@ -464,6 +505,16 @@ def test_main_holds_events_back_while_the_lease_is_held(stub, tmp_path, caplog, 
     assert held == ["serving_pressure: scale_out for resnet18 held back while a scale action holds the lease: "
                     + held[0].split("lease: ", 1)[1]], held  # fmt: skip
     assert "ctl:1:cafe (scale_out densenet161 from serving_pressure)" in held[0]
+
+
+def test_main_restarts_the_window_at_the_end_of_a_scale_action(stub, tmp_path, lease_module):
+    path = tmp_path / "autoscale.lease"
+    lease = lease_module.LeaseFile(str(path))
+    lease.try_acquire("ctl:1:cafe", ttl=60, reason="scale_out resnet18 from serving_pressure")
+    # The action ends at 0.8 s and is recorded; FAST's repeat_after (0.4 s) counts from there.
+    steps = [(0.8, lambda: lease.release("ctl:1:cafe", acted=["resnet18:scale_out"]))]
+    events = asyncio.run(run_source({"url": stub.url, "lease_file": str(path)} | FAST, 1.6, steps))
+    assert events and events[0][0] >= 0.8 + FAST["repeat_after"] - 0.05, events
 
 
 def test_main_ignores_a_broken_lease_file_and_says_so(stub, tmp_path, caplog):

@@ -49,6 +49,10 @@ description:
     nothing to remove)."
   - After an event, the condition must hold for its whole window again, and at most one event per service and action is
     emitted per O(repeat_after) seconds, so a long burst keeps asking, slowly.
+  - "With O(lease_file), the end of a scale action of the service in the same direction, from any source (the playbooks
+    record it in the file's C(last_actions)), counts as such an event: the window starts again at that end, and the next
+    event waits O(repeat_after) (O(in_repeat_after)) from it. The new capacity is measured before more is asked for,
+    instead of a run that can only meet its cooldown."
   - "With O(lease_file), an event that falls due while a scale action holds the scale playbooks' lease is held back, not
     dropped: its window stays met, and it goes out at the first poll after the lease is given back (or expires) if the
     condition still holds. A run started during the lease would only be turned away by it."
@@ -174,9 +178,10 @@ options:
   lease_file:
     description:
       - The scale playbooks' lease file on this host (the inventory's C(mlfleet_autoscale.lease.path)). While a scale
-        action holds a live lease in it, due events are held back (see above). A missing file means no lease; a file that
-        cannot be read or is not the lease's JSON is reported (once a minute) and ignored, since the playbooks' lease
-        still keeps to one action at a time.
+        action holds a live lease in it, due events are held back, and the end of each service's last scale action
+        restarts its windows (see above). A missing file means no lease and no action yet; a file that cannot be read or
+        is not the lease's JSON is reported (once a minute) and ignored, since the playbooks' lease still keeps to one
+        action at a time.
     type: path
 """
 
@@ -228,9 +233,18 @@ class LeaseReadError(Exception):
     """The lease file exists but cannot be read as the scale playbooks' lease."""
 
 
-def live_lease(path: str, now: float) -> tuple[str, str] | None:
-    """Who holds the scale playbooks' lease in ``path`` at ``now`` (epoch seconds), and a description with why and for
-    how long; None when nobody does.
+@dataclass(frozen=True)
+class LeaseState:
+    """What the scale playbooks' lease file says: who holds a live lease (None: nobody), described with why and for how
+    long, and when each ``<service>:<action>`` last acted (epoch seconds)."""
+
+    holder: str | None = None
+    description: str = ""
+    last_actions: dict[str, float] = field(default_factory=dict)
+
+
+def read_lease(path: str, now: float) -> LeaseState:
+    """The scale playbooks' lease file at ``path`` as it stands at ``now`` (epoch seconds); a missing file is an empty one.
 
     The playbooks replace the file atomically, so a read without their lock sees a whole file.
     """
@@ -238,20 +252,24 @@ def live_lease(path: str, now: float) -> tuple[str, str] | None:
         with open(path, encoding="utf-8") as handle:
             data = json.load(handle)
     except FileNotFoundError:
-        return None
+        return LeaseState()
     except (OSError, ValueError) as exc:
         raise LeaseReadError(f"cannot read the lease file {path}: {exc}") from None
     if not isinstance(data, dict) or "lease" not in data:
         raise LeaseReadError(f"the lease file {path} is not the scale playbooks' lease (no 'lease' key); is lease_file mlfleet_autoscale.lease.path?")
+    last_actions = data.get("last_actions", {})
+    if not isinstance(last_actions, dict) or not all(isinstance(when, int | float) and not isinstance(when, bool) for when in last_actions.values()):
+        raise LeaseReadError(f"the lease file {path} is not the scale playbooks' lease (last_actions is not a map of times)")
+    acted = {str(key): float(when) for key, when in last_actions.items()}
     lease = data["lease"]
     if lease is None:
-        return None
+        return LeaseState(last_actions=acted)
     if not isinstance(lease, dict) or not isinstance(lease.get("expires_at"), int | float):
         raise LeaseReadError(f"the lease file {path} is not the scale playbooks' lease (no lease.expires_at); is lease_file mlfleet_autoscale.lease.path?")
     if lease["expires_at"] <= now:
-        return None
+        return LeaseState(last_actions=acted)
     holder = str(lease.get("holder", "?"))
-    return holder, f"{holder} ({lease.get('reason') or 'no reason given'}), for {lease['expires_at'] - now:.0f} s more at most"
+    return LeaseState(holder, f"{holder} ({lease.get('reason') or 'no reason given'}), for {lease['expires_at'] - now:.0f} s more at most", acted)
 
 
 @dataclass(frozen=True)
@@ -451,6 +469,8 @@ class PressureTracker:
     _missing_reported: set[str] = field(default_factory=set, init=False, repr=False)
     # The service+action pairs whose event the last observe() held back.
     held_back: list[tuple[str, str]] = field(default_factory=list, init=False, repr=False)
+    # When each "<service>:<action>" last acted (the lease file's last_actions), as the last observe() was given it.
+    _acted: dict[str, float] = field(default_factory=dict, init=False, repr=False)
 
     def watched(self, name: str, figures: BackendFigures) -> bool:
         if figures.servers == 0:
@@ -466,12 +486,15 @@ class PressureTracker:
         for window in self._windows.values():
             window.began = window.counting_from = None
 
-    def observe(self, rows: list[StatsRow], now: float, hold: bool = False) -> list[dict[str, Any]]:
+    def observe(self, rows: list[StatsRow], now: float, hold: bool = False, acted: dict[str, float] | None = None) -> list[dict[str, Any]]:
         """Take one poll's rows, seen at ``now`` (epoch seconds); return the events it causes.
 
         ``hold``: a scale action is running; an event that falls due is not emitted and stays due (see held_back).
+        ``acted``: when each ``<service>:<action>`` last acted (epoch seconds): such an end restarts the window and the
+        repeat wait as an event would.
         """
         self.held_back = []
+        self._acted = acted or {}
         current = backend_figures(rows)
         self._report_missing(current)
         events = []
@@ -508,10 +531,18 @@ class PressureTracker:
             return None
         if window.began is None or window.counting_from is None:
             window.began = window.counting_from = now
+        last = window.last_event
+        acted_at = self._acted.get(f"{service}:{action}")
+        # A time ahead of this poll (the wall clock stepped back since it was recorded) would hold the window back until
+        # the clock caught up: such an action is left out.
+        if acted_at is not None and acted_at <= now:
+            # The condition has to hold for a whole window after the action, on the capacity it left.
+            window.counting_from = max(window.counting_from, acted_at)
+            last = acted_at if last is None else max(last, acted_at)
         if now - window.counting_from < window_s:
             return None
         repeat_after = self.in_repeat_after if action == SCALE_IN else self.repeat_after
-        if window.last_event is not None and now - window.last_event < repeat_after:
+        if last is not None and now - last < repeat_after:
             return None
         if hold:
             self.held_back.append((service, action))
@@ -785,31 +816,33 @@ class LeaseWatch:
 
     def __init__(self, path: str | None) -> None:
         self.path = path
-        self.lease: tuple[str, str] | None = None
+        self.state = LeaseState()
         self.reported: set[tuple[str, str, str]] = set()
         self.last_problem: tuple[str, float] | None = None
 
-    def held(self, now: float) -> bool:
+    def read(self, now: float) -> LeaseState:
+        """The file as it stands; an unreadable one is reported (once a minute) and read as empty."""
         if self.path is None:
-            return False
+            return self.state
         try:
-            self.lease = live_lease(self.path, time.time())
+            self.state = read_lease(self.path, time.time())
         except LeaseReadError as exc:
-            self.lease = None
+            self.state = LeaseState()
             if self.last_problem is None or self.last_problem[0] != str(exc) or now - self.last_problem[1] >= 60:
                 logger.warning("serving_pressure: %s; events are not held back", exc)
                 self.last_problem = (str(exc), now)
-            return False
+            return self.state
         self.last_problem = None
-        if self.lease is None:
+        if self.state.holder is None:
             self.reported.clear()
-        return self.lease is not None
+        return self.state
 
     def report(self, held_back: list[tuple[str, str]], now: float) -> None:
+        holder = self.state.holder
         for service, action in held_back:
-            if self.lease is not None and (service, action, self.lease[0]) not in self.reported:
-                self.reported.add((service, action, self.lease[0]))
-                logger.info("serving_pressure: %s for %s held back while a scale action holds the lease: %s", action, service, self.lease[1])
+            if holder is not None and (service, action, holder) not in self.reported:
+                self.reported.add((service, action, holder))
+                logger.info("serving_pressure: %s for %s held back while a scale action holds the lease: %s", action, service, self.state.description)
 
 
 def _clock():
@@ -847,7 +880,8 @@ async def main(queue: asyncio.Queue[Any], args: dict[str, Any]) -> None:
                     if consecutive_failures:
                         logger.info("serving_pressure: %s answers again after %d failed polls; windows start again", order[0], consecutive_failures)
                         consecutive_failures, last_warning = 0, None
-                    events = tracker.observe(rows, started, hold=lease_watch.held(started))
+                    lease = lease_watch.read(started)
+                    events = tracker.observe(rows, started, hold=lease.holder is not None, acted=lease.last_actions)
                     lease_watch.report(tracker.held_back, started)
                     for event in events:
                         event["received_at"] = time.time()
