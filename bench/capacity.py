@@ -478,8 +478,10 @@ def deploy(lab: Lab, workers: int):
     if lab.deployed_workers():
         # site.yml keeps the replica counts of existing services (the autoscaler owns them) and then classifies an
         # image with every model: a model a scenario scaled to 0 has to serve again first.
+        # A site.yml that stopped half-way may have left a service out: site.yml creates it.
+        existing = set(lab.manager_docker("service", "ls", "--format", "{{.Name}}").split())
         for model in MODELS:
-            if not lab.running_tasks(model):
+            if model in existing and not lab.running_tasks(model):
                 lab.scale(model, 1)
     seconds = lab.playbook("site.yml", workers)
     print(f"site.yml with {workers} workers of {lab.cpulimit} CPU: {seconds:.0f} s", flush=True)
