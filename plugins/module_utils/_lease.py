@@ -7,7 +7,9 @@ holder renews it) and gives it back when done; a run that crashed holds it only 
 takes it over and is told whose lease it replaced. Giving the lease back also records when each ``<service>:<action>``
 last acted, so a playbook honours cooldowns as ``now - last_actions[key]``, and the replica floors a scheduled
 scale-out set (``floors``: at least ``replicas`` of a service until an epoch time), so a scale-in during the scheduled
-window keeps them. Expired floors are dropped at the next write.
+window keeps them. Expired floors are dropped at the next write. It also records the replica bounds each service's last
+run kept (``bounds``: ``min``, ``max`` and ``at``, when they were recorded), which the serving_pressure event source
+reads to ask less often for a service already at its maximum.
 
 Every read-modify-write happens under an exclusive ``flock`` on the sidecar ``<path>.lock``. The data file is never
 locked: it is replaced atomically (a temporary file in the same directory, fsync, ``os.replace``), so a reader without
@@ -96,7 +98,45 @@ def data_problem(data):
             problem = floor_problem(entry)
             if problem:
                 return f"floors[{service!r}]: {problem}"
+    bounds = data.get("bounds", {})
+    if not isinstance(bounds, dict):
+        return "'bounds' is not an object"
+    for service, entry in bounds.items():
+        problem = bounds_problem(entry) or (None if is_time(entry.get("at")) else f"at {entry.get('at')!r} is not a number")
+        if problem:
+            return f"bounds[{service!r}]: {problem}"
     return None
+
+
+def whole(value, minimum):
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
+def bounds_problem(entry):
+    """What is wrong with one service's replica bounds ``{min, max}``, or None."""
+    if not isinstance(entry, dict):
+        return "an entry is not an object"
+    if not whole(entry.get("min"), 0):
+        return f"min {entry.get('min')!r} is not a whole number of 0 or more"
+    if not whole(entry.get("max"), 1):
+        return f"max {entry.get('max')!r} is not a whole number of 1 or more"
+    if entry["min"] > entry["max"]:
+        return f"min {entry['min']} is above max {entry['max']}"
+    return None
+
+
+def check_bounds(bounds):
+    """``bounds`` as ``{service: {min, max}}``; LeaseError naming the entry at fault."""
+    checked = {}
+    for index, entry in enumerate(bounds):
+        if not isinstance(entry, dict) or not isinstance(entry.get("service"), str) or not entry["service"].strip():
+            raise LeaseError(f"bounds[{index}] must have a service, the name of a Swarm service such as 'resnet18'; got {entry!r}")
+        values = {"min": entry.get("min"), "max": entry.get("max")}
+        problem = bounds_problem(values)
+        if problem:
+            raise LeaseError(f"bounds[{index}] ({entry['service']}): {problem}; give the fewest and most replicas the run kept the service to")
+        checked[entry["service"]] = values
+    return checked
 
 
 def floor_problem(entry):
@@ -164,6 +204,7 @@ def describe(state, now):
         "expires_in": round(max(lease["expires_at"] - now, 0.0), 3) if lease else None,
         "last_actions": dict(state["last_actions"]),
         "floors": highest_floors(state["floors"], now),
+        "bounds": {service: dict(entry) for service, entry in state["bounds"].items()},
         "now": now,
     }
 
@@ -228,7 +269,8 @@ class LeaseFile:
             os.close(descriptor)
 
     def read(self):
-        """The file as ``{"lease": dict or None, "last_actions": {key: epoch}, "floors": {service: [floor]}}``; a missing file is an empty one.
+        """The file as ``{"lease": dict or None, "last_actions": {key: epoch}, "floors": {service: [floor]}, "bounds": {service: {min, max,
+        at}}}``; a missing file is an empty one.
 
         Safe without the lock, since the file is only ever replaced whole.
         """
@@ -237,7 +279,7 @@ class LeaseFile:
             with open(self.path, "rb") as handle:
                 raw = handle.read()
         except FileNotFoundError:
-            return {"lease": None, "last_actions": {}, "floors": {}}
+            return {"lease": None, "last_actions": {}, "floors": {}, "bounds": {}}
         except OSError as error:
             raise LeaseError(
                 f"cannot read the lease file {self.path}: {error.strerror}. "
@@ -255,6 +297,7 @@ class LeaseFile:
             "lease": dict(lease) if lease else None,
             "last_actions": {key: float(when) for key, when in data.get("last_actions", {}).items()},
             "floors": {service: [dict(entry) for entry in entries] for service, entries in data.get("floors", {}).items()},
+            "bounds": {service: dict(entry) for service, entry in data.get("bounds", {}).items()},
         }
 
     def _write(self, state, now):
@@ -264,6 +307,7 @@ class LeaseFile:
             "lease": state["lease"],
             "last_actions": dict(sorted(state["last_actions"].items())),
             "floors": dict(sorted(live_floors(state["floors"], now).items())),
+            "bounds": dict(sorted(state["bounds"].items())),
         }
         payload = (json.dumps(data, indent=2, allow_nan=False) + "\n").encode("utf-8")
         temporary = None
@@ -318,6 +362,7 @@ class LeaseFile:
             "lease": {"holder": holder, "reason": reason, "acquired_at": acquired_at, "expires_at": now + ttl, "ttl": ttl},
             "last_actions": state["last_actions"],
             "floors": state["floors"],
+            "bounds": state["bounds"],
         }
         if write:
             self._write(state, now)
@@ -346,22 +391,24 @@ class LeaseFile:
         result["waited"] = round(waited, 3)
         return result
 
-    def release(self, holder, acted=(), now=None, check_mode=False, floors=()):
+    def release(self, holder, acted=(), now=None, check_mode=False, floors=(), bounds=()):
         """Give the lease back when ``holder`` holds it, record ``now`` as the last action time of each key of ``acted``,
-        and add ``floors`` (``[{service, replicas, until, reason}]``).
+        add ``floors`` (``[{service, replicas, until, reason}]``) and record ``bounds`` (``[{service, min, max}]``) at
+        ``now``, each replacing the service's earlier bounds.
 
-        When another holder (or nobody) holds it, nothing changes and neither ``acted`` nor ``floors`` is recorded, so a
-        late release after a takeover never frees someone else's lease.
+        When another holder (or nobody) holds it, nothing changes and neither ``acted``, ``floors`` nor ``bounds`` is
+        recorded, so a late release after a takeover never frees someone else's lease.
         """
         check_holder(holder)
         keys = check_acted(acted)
         new_floors = check_floors(floors)
+        new_bounds = check_bounds(bounds)
         if check_mode:
-            return self._release(self.read(), holder, keys, new_floors, self._now(now), write=False)
+            return self._release(self.read(), holder, keys, new_floors, new_bounds, self._now(now), write=False)
         with self.locked():
-            return self._release(self.read(), holder, keys, new_floors, self._now(now), write=True)
+            return self._release(self.read(), holder, keys, new_floors, new_bounds, self._now(now), write=True)
 
-    def _release(self, state, holder, keys, new_floors, now, write):
+    def _release(self, state, holder, keys, new_floors, new_bounds, now, write):
         lease = state["lease"]
         if lease is None or lease["holder"] != holder:
             return dict(holder=holder, released=False, changed=False, **describe(state, now))
@@ -371,7 +418,8 @@ class LeaseFile:
         floors = {service: list(entries) for service, entries in state["floors"].items()}
         for service, entries in new_floors.items():
             floors[service] = floors.get(service, []) + [entry for entry in entries if entry not in floors.get(service, [])]
-        state = {"lease": None, "last_actions": last_actions, "floors": floors}
+        bounds = dict(state["bounds"]) | {service: dict(entry, at=now) for service, entry in new_bounds.items()}
+        state = {"lease": None, "last_actions": last_actions, "floors": floors, "bounds": bounds}
         if write:
             self._write(state, now)
         return dict(holder=holder, released=True, changed=True, **describe(state, now))

@@ -25,6 +25,9 @@ description:
   - O(state=released) also records O(floors), the fewest replicas a service keeps until a given time (a scheduled
     scale-out sets one for its window). Every call returns the highest floor of each service that has not expired in
     RV(floors), so a scale-in during the window keeps it. Expired floors are dropped at the next write.
+  - O(state=released) also records O(bounds), the fewest and most replicas the run kept each service to, with the
+    time; they replace the service's earlier ones and are returned in RV(bounds). The serving_pressure event source reads
+    them to ask less often for more replicas of a service that is at its maximum already.
   - Every change is made under an exclusive C(flock) on the file O(path) with C(.lock) appended. The lease file itself
     is replaced atomically (written to a temporary file in its directory, synced, renamed) with mode 0600.
   - A corrupt or unreadable lease file makes the module fail with a message naming it; it is not reset, because that
@@ -126,6 +129,26 @@ options:
       reason:
         description: Why, for example the schedule entry that set it.
         type: str
+  bounds:
+    description:
+      - The replica bounds the run kept services to, only with O(state=released), and only when the release gives back
+        the lease of O(holder). Each replaces the service's earlier bounds and is stored with the time of the release.
+    type: list
+    elements: dict
+    default: []
+    suboptions:
+      service:
+        description: The Swarm service.
+        type: str
+        required: true
+      min:
+        description: The fewest replicas the service keeps, scheduled floors included.
+        type: int
+        required: true
+      max:
+        description: The most replicas the service may run.
+        type: int
+        required: true
   fail_when_busy:
     description:
       - Fail, naming the holder, its reason and when its lease expires, when another holder's live lease still exists
@@ -177,6 +200,8 @@ EXAMPLES = r"""
         state: released
         holder: "{{ scale_lease.holder }}"
         acted: "{{ ['resnet18:scale_out'] if scaled_out | default(false) else [] }}"
+        bounds:
+          - {service: resnet18, min: 2, max: 8}
       delegate_to: localhost
       run_once: true
 
@@ -272,6 +297,11 @@ floors:
   returned: success, and when O(fail_when_busy=true) fails the run
   type: dict
   sample: {"resnet18": {"replicas": 4, "until": 1714586400.0, "reason": "schedule peak: 4 replicas 06:00-12:00 UTC"}}
+bounds:
+  description: Per service, the replica bounds its last recorded run kept it to, and when they were recorded (epoch seconds).
+  returned: success, and when O(fail_when_busy=true) fails the run
+  type: dict
+  sample: {"resnet18": {"min": 2, "max": 8, "at": 1714564500.5}}
 now:
   description: The time of the decision, epoch seconds of the control host's wall clock; a cooldown has passed when C(now - last_actions[key]) exceeds it.
   returned: success, and when O(fail_when_busy=true) fails the run
@@ -307,6 +337,12 @@ def argument_spec():
                 reason=dict(type="str"),
             ),
         ),
+        bounds=dict(
+            type="list",
+            elements="dict",
+            default=[],
+            options=dict(service=dict(type="str", required=True), min=dict(type="int", required=True), max=dict(type="int", required=True)),
+        ),
         fail_when_busy=dict(type="bool", default=False),
     )
 
@@ -325,12 +361,12 @@ def main():
     module = AnsibleModule(argument_spec=argument_spec(), required_if=[("state", "released", ("holder",))], supports_check_mode=True)
     params = module.params
     lease = LeaseFile(params["path"])
-    for name in ("acted", "floors"):
+    for name in ("acted", "floors", "bounds"):
         if params["state"] == "acquired" and params[name]:
             module.fail_json(msg=f"{name} is recorded when the lease is given back: pass it with state=released")
     try:
         if params["state"] == "released":
-            result = lease.release(params["holder"], params["acted"], check_mode=module.check_mode, floors=params["floors"])
+            result = lease.release(params["holder"], params["acted"], check_mode=module.check_mode, floors=params["floors"], bounds=params["bounds"])
         else:
             result = lease.acquire(
                 params["holder"] if params["holder"] is not None else new_holder(),

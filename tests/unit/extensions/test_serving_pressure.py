@@ -434,6 +434,19 @@ def test_the_window_after_a_scale_action_needs_the_condition_for_a_whole_window(
     assert payloads(events)[1]["values"]["held_s"] == 28.0, "held_s still counts from when the condition began"
 
 
+def test_a_service_at_its_recorded_maximum_asks_for_scale_out_only_every_in_repeat_after():
+    busy = every(0, 400, 2, poll_rows(per_server=8.0, up=2))
+
+    def events(max_replicas):
+        tracker = sp.PressureTracker()
+        return seconds([(second, event) for second, rows in busy for event in tracker.observe(rows, T0 + second, max_replicas=max_replicas)])
+
+    assert events({}) == list(range(8, 400, 30))
+    assert events({"resnet18": 2}) == [8, 308], "2 servers up at a maximum of 2: every in_repeat_after (300 s)"
+    assert events({"resnet18": 4}) == list(range(8, 400, 30)), "below its maximum, a service asks every repeat_after"
+    assert events({"densenet161": 2}) == list(range(8, 400, 30)), "another service's bounds change nothing"
+
+
 def test_an_action_time_ahead_of_the_sources_clock_is_left_out():
     tracker = sp.PressureTracker(out_for=6, repeat_after=10)
     events = observe_with_actions(tracker, every(0, 40, 2, poll_rows(per_server=8.0)), {"resnet18:scale_out": (12, 500)})
@@ -467,10 +480,11 @@ def test_read_lease_reads_the_playbooks_lease_file(tmp_path, lease_module):
     assert state.description.startswith("ctl:4242:beef (scale_out resnet18 from serving_pressure), for ")
     assert sp.read_lease(str(path), time.time() + 61).holder is None, "an expired lease holds nothing"
     before = time.time()
-    lease.release("ctl:4242:beef", acted=["resnet18:scale_out"])
+    lease.release("ctl:4242:beef", acted=["resnet18:scale_out"], bounds=[{"service": "resnet18", "min": 2, "max": 6}])
     state = sp.read_lease(str(path), time.time())
     assert state.holder is None, "a lease given back holds nothing"
     assert list(state.last_actions) == ["resnet18:scale_out"] and before <= state.last_actions["resnet18:scale_out"] <= time.time()
+    assert state.max_replicas == {"resnet18": 6}
 
 
 @pytest.mark.parametrize(
@@ -482,6 +496,7 @@ def test_read_lease_reads_the_playbooks_lease_file(tmp_path, lease_module):
         ('{"lease": {"holder": "x"}}', "no lease.expires_at"),
         ('{"lease": null, "last_actions": {"resnet18:scale_out": "soon"}}', "last_actions is not a map of times"),
         ('{"lease": null, "last_actions": [1]}', "last_actions is not a map of times"),
+        ('{"lease": null, "bounds": {"resnet18": {"max": "six"}}}', "bounds is not a map of replica bounds"),
     ],
 )
 def test_a_lease_file_that_is_not_a_lease_is_named(tmp_path, content, message):

@@ -53,6 +53,10 @@ description:
     record it in the file's C(last_actions)), counts as such an event: the window starts again at that end, and the next
     event waits O(repeat_after) (O(in_repeat_after)) from it. The new capacity is measured before more is asked for,
     instead of a run that can only meet its cooldown."
+  - "With O(lease_file), a service whose servers up reach the most replicas its last scale run kept it to (the file's
+    C(bounds)) asks for C(scale_out) at most every O(in_repeat_after) seconds, as a service at its minimum asks for
+    C(scale_in): such a run can only decide not to act, yet one still comes now and then, so a raised maximum is taken
+    up."
   - "With O(lease_file), an event that falls due while a scale action holds the scale playbooks' lease is held back, not
     dropped: its window stays met, and it goes out at the first poll after the lease is given back (or expires) if the
     condition still holds. A run started during the lease would only be turned away by it."
@@ -241,6 +245,8 @@ class LeaseState:
     holder: str | None = None
     description: str = ""
     last_actions: dict[str, float] = field(default_factory=dict)
+    # Per service, the most replicas its last scale run kept it to.
+    max_replicas: dict[str, int] = field(default_factory=dict)
 
 
 def read_lease(path: str, now: float) -> LeaseState:
@@ -261,15 +267,20 @@ def read_lease(path: str, now: float) -> LeaseState:
     if not isinstance(last_actions, dict) or not all(isinstance(when, int | float) and not isinstance(when, bool) for when in last_actions.values()):
         raise LeaseReadError(f"the lease file {path} is not the scale playbooks' lease (last_actions is not a map of times)")
     acted = {str(key): float(when) for key, when in last_actions.items()}
+    bounds = data.get("bounds", {})
+    if not isinstance(bounds, dict) or not all(isinstance(entry, dict) and isinstance(entry.get("max"), int) for entry in bounds.values()):
+        raise LeaseReadError(f"the lease file {path} is not the scale playbooks' lease (bounds is not a map of replica bounds)")
+    maxima = {str(service): entry["max"] for service, entry in bounds.items()}
     lease = data["lease"]
     if lease is None:
-        return LeaseState(last_actions=acted)
+        return LeaseState(last_actions=acted, max_replicas=maxima)
     if not isinstance(lease, dict) or not isinstance(lease.get("expires_at"), int | float):
         raise LeaseReadError(f"the lease file {path} is not the scale playbooks' lease (no lease.expires_at); is lease_file mlfleet_autoscale.lease.path?")
     if lease["expires_at"] <= now:
-        return LeaseState(last_actions=acted)
+        return LeaseState(last_actions=acted, max_replicas=maxima)
     holder = str(lease.get("holder", "?"))
-    return LeaseState(holder, f"{holder} ({lease.get('reason') or 'no reason given'}), for {lease['expires_at'] - now:.0f} s more at most", acted)
+    description = f"{holder} ({lease.get('reason') or 'no reason given'}), for {lease['expires_at'] - now:.0f} s more at most"
+    return LeaseState(holder, description, acted, maxima)
 
 
 @dataclass(frozen=True)
@@ -471,6 +482,8 @@ class PressureTracker:
     held_back: list[tuple[str, str]] = field(default_factory=list, init=False, repr=False)
     # When each "<service>:<action>" last acted (the lease file's last_actions), as the last observe() was given it.
     _acted: dict[str, float] = field(default_factory=dict, init=False, repr=False)
+    # Per service, the most replicas its last scale run kept it to (the lease file's bounds), as last given.
+    _max_replicas: dict[str, int] = field(default_factory=dict, init=False, repr=False)
 
     def watched(self, name: str, figures: BackendFigures) -> bool:
         if figures.servers == 0:
@@ -486,15 +499,19 @@ class PressureTracker:
         for window in self._windows.values():
             window.began = window.counting_from = None
 
-    def observe(self, rows: list[StatsRow], now: float, hold: bool = False, acted: dict[str, float] | None = None) -> list[dict[str, Any]]:
+    def observe(
+        self, rows: list[StatsRow], now: float, hold: bool = False, acted: dict[str, float] | None = None, max_replicas: dict[str, int] | None = None
+    ) -> list[dict[str, Any]]:
         """Take one poll's rows, seen at ``now`` (epoch seconds); return the events it causes.
 
         ``hold``: a scale action is running; an event that falls due is not emitted and stays due (see held_back).
         ``acted``: when each ``<service>:<action>`` last acted (epoch seconds): such an end restarts the window and the
-        repeat wait as an event would.
+        repeat wait as an event would. ``max_replicas``: per service, the most replicas its last scale run kept it to; a
+        service with as many servers up asks for scale_out only every in_repeat_after seconds.
         """
         self.held_back = []
         self._acted = acted or {}
+        self._max_replicas = max_replicas or {}
         current = backend_figures(rows)
         self._report_missing(current)
         events = []
@@ -510,8 +527,10 @@ class PressureTracker:
             stranded = figures.servers_up == 0 and figures.queued + figures.inflight > 0
             overloaded = stranded or figures.per_server >= self.out_threshold or figures.queued > self.out_queue
             idle = figures.servers_up > 0 and figures.per_server <= self.in_threshold and figures.queued == 0
+            at_maximum = name in self._max_replicas and figures.servers_up >= self._max_replicas[name]
             for action, holds, window_s in ((SCALE_OUT, overloaded, self.out_for), (SCALE_IN, idle, self.in_for)):
-                began = self._step(name, action, holds, window_s, now, hold)
+                slow = action == SCALE_IN or at_maximum
+                began = self._step(name, action, holds, window_s, now, hold, slow)
                 if began is not None:
                     values = _values(figures, errors, history.trend(), self.out_threshold) | {"window_s": window_s, "held_s": round(now - began, 3)}
                     events.append(self._event(name, action, began, now, values))
@@ -523,8 +542,9 @@ class PressureTracker:
         self._previous = current
         return events
 
-    def _step(self, service: str, action: str, holds: bool, window_s: float, now: float, hold: bool = False) -> float | None:
-        """Advance one service+action's window; when an event is due, return since when its condition holds."""
+    def _step(self, service: str, action: str, holds: bool, window_s: float, now: float, hold: bool = False, slow: bool = False) -> float | None:
+        """Advance one service+action's window; when an event is due, return since when its condition holds. ``slow``:
+        at most one event per in_repeat_after rather than repeat_after."""
         window = self._windows.setdefault((service, action), _Window())
         if not holds:
             window.began = window.counting_from = None
@@ -541,7 +561,7 @@ class PressureTracker:
             last = acted_at if last is None else max(last, acted_at)
         if now - window.counting_from < window_s:
             return None
-        repeat_after = self.in_repeat_after if action == SCALE_IN else self.repeat_after
+        repeat_after = self.in_repeat_after if slow else self.repeat_after
         if last is not None and now - last < repeat_after:
             return None
         if hold:
@@ -881,7 +901,7 @@ async def main(queue: asyncio.Queue[Any], args: dict[str, Any]) -> None:
                         logger.info("serving_pressure: %s answers again after %d failed polls; windows start again", order[0], consecutive_failures)
                         consecutive_failures, last_warning = 0, None
                     lease = lease_watch.read(started)
-                    events = tracker.observe(rows, started, hold=lease.holder is not None, acted=lease.last_actions)
+                    events = tracker.observe(rows, started, hold=lease.holder is not None, acted=lease.last_actions, max_replicas=lease.max_replicas)
                     lease_watch.report(tracker.held_back, started)
                     for event in events:
                         event["received_at"] = time.time()

@@ -88,6 +88,7 @@ def test_a_free_lease_is_taken(lease, path):
         "expires_in": 60.0,
         "last_actions": {},
         "floors": {},
+        "bounds": {},
         "now": T0,
     }
     assert stored(path) == {
@@ -95,6 +96,7 @@ def test_a_free_lease_is_taken(lease, path):
         "lease": {"holder": "run-a", "reason": "scale_out of resnet18", "acquired_at": T0, "expires_at": T0 + 60, "ttl": 60},
         "last_actions": {},
         "floors": {},
+        "bounds": {},
     }
 
 
@@ -152,6 +154,7 @@ def test_release_gives_the_lease_back_and_records_acted(lease, path):
         "expires_in": None,
         "last_actions": {"resnet18:scale_out": T0 + 20, "resnet18:scale_replicas": T0 + 20},
         "floors": {},
+        "bounds": {},
         "now": T0 + 20,
     }
     assert stored(path) == {
@@ -159,6 +162,7 @@ def test_release_gives_the_lease_back_and_records_acted(lease, path):
         "lease": None,
         "last_actions": {"resnet18:scale_out": T0 + 20, "resnet18:scale_replicas": T0 + 20},
         "floors": {},
+        "bounds": {},
     }
 
     again = lease.release("run-a", ["resnet18:scale_out"], now=T0 + 30)
@@ -247,7 +251,48 @@ def test_a_file_without_floors_from_an_earlier_version_is_read(path):
     with open(path, "w", encoding="utf-8") as handle:
         json.dump({"version": 1, "lease": None, "last_actions": {"resnet18:scale_out": T0}}, handle)
     result = LeaseFile(path).try_acquire("run-a", 60, now=T0 + 1)
-    assert result["acquired"] and result["floors"] == {} and result["last_actions"] == {"resnet18:scale_out": T0}
+    assert result["acquired"] and result["floors"] == {} and result["bounds"] == {} and result["last_actions"] == {"resnet18:scale_out": T0}
+
+
+# Replica bounds
+
+
+def test_release_records_each_services_bounds_with_their_time_and_the_latest_replace_them(lease, path):
+    lease.try_acquire("run-a", 60, now=T0)
+    released = lease.release("run-a", bounds=[{"service": "resnet18", "min": 2, "max": 6}], now=T0 + 10)
+    assert released["bounds"] == {"resnet18": {"min": 2, "max": 6, "at": T0 + 10}}
+    lease.try_acquire("run-b", 60, now=T0 + 20)
+    lease.release("run-b", bounds=[{"service": "densenet161", "min": 1, "max": 4}], now=T0 + 30)
+    lease.try_acquire("run-c", 60, now=T0 + 40)
+    later = lease.release("run-c", bounds=[{"service": "resnet18", "min": 4, "max": 8}], now=T0 + 50)
+    assert later["bounds"] == {"resnet18": {"min": 4, "max": 8, "at": T0 + 50}, "densenet161": {"min": 1, "max": 4, "at": T0 + 30}}
+    assert stored(path)["bounds"] == later["bounds"]
+    assert lease.try_acquire("run-d", 60, now=T0 + 60)["bounds"] == later["bounds"], "taking the lease keeps them"
+    assert stored(path)["bounds"] == later["bounds"]
+
+
+def test_bounds_of_a_release_that_does_not_hold_the_lease_are_not_recorded(lease, path):
+    lease.try_acquire("run-a", 60, now=T0)
+    result = lease.release("run-b", bounds=[{"service": "resnet18", "min": 2, "max": 6}], now=T0 + 5)
+    assert not result["released"] and result["bounds"] == {} and stored(path)["bounds"] == {}
+
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        ({"min": 2, "max": 6}, "bounds[0] must have a service"),
+        ({"service": "resnet18", "min": -1, "max": 6}, "bounds[0] (resnet18): min -1 is not a whole number of 0 or more"),
+        ({"service": "resnet18", "min": 2, "max": 0}, "max 0 is not a whole number of 1 or more"),
+        ({"service": "resnet18", "min": 2, "max": True}, "max True is not a whole number"),
+        ({"service": "resnet18", "min": 7, "max": 6}, "min 7 is above max 6"),
+    ],
+)
+def test_bad_bounds_are_named_and_change_nothing(lease, path, bad, message):
+    lease.try_acquire("run-a", 60, now=T0)
+    before = content(path)
+    with pytest.raises(LeaseError, match=re.escape(message)):
+        lease.release("run-a", bounds=[bad], now=T0 + 1)
+    assert content(path) == before
 
 
 def test_release_by_another_holder_changes_nothing(lease, path):
@@ -430,6 +475,10 @@ CORRUPT = [
     (b'{"floors": {"resnet18": {"replicas": 4}}}', "floors['resnet18'] is not a list"),
     (b'{"floors": {"resnet18": [{"replicas": 4.5, "until": 1}]}}', "floors['resnet18']: replicas 4.5 is not a whole number"),
     (b'{"floors": {"resnet18": [{"replicas": 4, "until": null}]}}', "floors['resnet18']: until None is not a number"),
+    (b'{"bounds": []}', "'bounds' is not an object"),
+    (b'{"bounds": {"resnet18": 6}}', "bounds['resnet18']: an entry is not an object"),
+    (b'{"bounds": {"resnet18": {"min": 2, "max": 6}}}', "bounds['resnet18']: at None is not a number"),
+    (b'{"bounds": {"resnet18": {"min": 2, "max": 1.5, "at": 1}}}', "bounds['resnet18']: max 1.5 is not a whole number"),
 ]
 
 

@@ -116,6 +116,14 @@ def test_release_records_a_floor_that_later_calls_return_until_it_ends(lease, pa
     assert stored(path)["floors"] == {"resnet18": [{"replicas": 4, "until": until, "reason": "schedule peak"}]}
 
 
+def test_release_records_the_bounds_the_run_kept(lease, path):
+    taken = lease(reason="scale_out of resnet18 from serving_pressure")
+    released = lease(state="released", holder=taken["holder"], bounds=[{"service": "resnet18", "min": 2, "max": 6}])
+    assert released["rc"] == 0 and released["released"]
+    assert released["bounds"]["resnet18"]["max"] == 6 and released["bounds"]["resnet18"]["at"] == released["now"]
+    assert stored(path)["bounds"] == released["bounds"]
+
+
 def test_release_by_another_holder_frees_nothing(lease, path):
     taken = lease(reason="scale_in of densenet161")
     result = lease(state="released", holder="someone-else", acted=["densenet161:scale_in"])
@@ -192,6 +200,8 @@ def test_a_corrupt_file_fails_and_is_kept(lease, path):
         ({"acted": ["resnet18:scale_out"]}, "acted is recorded when the lease is given back: pass it with state=released"),
         ({"floors": [{"service": "resnet18", "replicas": 4, "until": 1.0}]}, "floors is recorded when the lease is given back"),
         ({"state": "released", "holder": "run-a", "floors": [{"service": "resnet18", "until": 1.0}]}, "missing required arguments: replicas"),
+        ({"bounds": [{"service": "resnet18", "min": 2, "max": 6}]}, "bounds is recorded when the lease is given back"),
+        ({"state": "released", "holder": "run-a", "bounds": [{"service": "resnet18", "min": 2}]}, "missing required arguments: max"),
         ({"ttl": 0}, "ttl must be a positive number of seconds, got 0"),
         ({"wait_timeout": -1}, "wait_timeout must be 0 or a positive number of seconds, got -1"),
         ({"poll_interval": 0}, "poll_interval must be at least 0.01 seconds"),
