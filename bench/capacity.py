@@ -19,6 +19,11 @@ and of the whole machine, so the CPU spent outside the workers is printed with t
   autoscaler runs as scripts/autoscale runs it (ansible-rulebook, the serving_pressure fast path) while the load runs;
   it clones, configures and joins worker VMs through the simulator (boot time: the simulator's fixed default) and
   raises the replicas onto them.
+- --vm-cpu-shares N: the CPU weight of the lab's VMs together against the processes of this machine (the autoscaler,
+  Ansible, the simulator) while a scenario runs; the machine's default is 1024. On the dissertation's testbed the
+  control plane ran on other hosts; here it shares the 2 cores, and with the default weight every busy Ansible process
+  weighs as much as all VMs together, so the workers lose part of their stated budget while the autoscaler works. A
+  hypervisor's weight for its guests (say 102400) keeps the budgets; the result records the weight.
 
 Results are appended as JSON lines to bench/results/capacity.jsonl (one line per run, with every request's start,
 latency and status in bench/results/capacity-requests/). Traffic goes only to the lab's own edge proxy; every load is
@@ -29,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import resource
@@ -214,6 +220,26 @@ class Lab:
 
 
 # --- measurement ---------------------------------------------------------------------------------------------------
+
+
+VM_CGROUP_SHARES = Path("/sys/fs/cgroup/cpu/docker/cpu.shares")
+
+
+@contextlib.contextmanager
+def vm_cpu_shares(shares: int | None):
+    """The lab's VMs (the Docker Engine's containers) weighted ``shares`` against this machine's other processes while
+    the block runs, then as before. None: left as it is."""
+    if shares is None:
+        yield int(VM_CGROUP_SHARES.read_text()) if VM_CGROUP_SHARES.exists() else None
+        return
+    if not VM_CGROUP_SHARES.exists():
+        raise SystemExit(f"--vm-cpu-shares needs the cgroup v1 cpu controller's {VM_CGROUP_SHARES} (the lab's Docker Engine with cgroupfs)")
+    before = VM_CGROUP_SHARES.read_text().strip()
+    VM_CGROUP_SHARES.write_text(str(shares))
+    try:
+        yield shares
+    finally:
+        VM_CGROUP_SHARES.write_text(before)
 
 
 def host_busy_seconds() -> float:
@@ -455,6 +481,7 @@ def print_result(result: dict):
 def base_result(lab: Lab, args, scenario: str) -> dict:
     return {"scenario": scenario, "model": args.model, "concurrency": args.concurrency, "cpulimit": lab.cpulimit, "commit": commit(),
             "started": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"), "cores": os.cpu_count(), "template_images": lab.template_images(),
+            "vm_cpu_shares": args.vm_cpu_shares_now,
             "clones": "full" if os.environ.get("MLFLEET_BENCH_CLONE_FULL", "").lower() in ("1", "true", "yes") else "linked"}  # fmt: skip
 
 
@@ -583,6 +610,7 @@ def pressure_setting(text: str) -> tuple[str, float]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n", maxsplit=1)[0])
     parser.add_argument("--cpulimit", type=float, default=float(os.environ.get("MLFLEET_BENCH_CPULIMIT", "0.25")), help="CPU budget of each worker VM")
+    parser.add_argument("--vm-cpu-shares", type=int, help="CPU weight of the lab's VMs against this machine's processes while a scenario runs (default 1024)")
     commands = parser.add_subparsers(dest="command", required=True)
     deploy_parser = commands.add_parser("deploy", help="bring the lab up and run site.yml with the bench inventory")
     deploy_parser.add_argument("--workers", type=int, default=6)
@@ -610,10 +638,9 @@ def main() -> int:
     lab = Lab(args.cpulimit)
     if args.command == "deploy":
         deploy(lab, args.workers)
-    elif args.command == "fixed":
-        fixed(lab, args)
-    elif args.command == "dynamic":
-        dynamic(lab, args)
+    elif args.command in ("fixed", "dynamic"):
+        with vm_cpu_shares(args.vm_cpu_shares) as args.vm_cpu_shares_now:
+            (fixed if args.command == "fixed" else dynamic)(lab, args)
     else:
         from capacity_report import report  # noqa: PLC0415
 
