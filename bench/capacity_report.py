@@ -35,19 +35,33 @@ LINKED = "dynamic 2-, golden template, linked clones"
 ORDER = ["fixed 2", "fixed 4", "fixed 6", "dynamic 2-", "dynamic 2-, tuned", GOLDEN, LINKED]
 # Dynamic runs with the rulebook's defaults, compared with fixed 4.
 DEFAULT_DYNAMIC = ["dynamic 2-", GOLDEN, LINKED]
+# The machine's own CPU weight of Docker's cgroup; runs with another (capacity.py --vm-cpu-shares) are kept apart.
+DEFAULT_VM_CPU_SHARES = 1024
+WEIGHTED = ", VMs weighted"
 
 
 def label(run: dict) -> str:
     """Dynamic runs with the rulebook's defaults are "dynamic 2-"; runs with --pressure overrides, and runs whose new
     VMs were cloned from a template holding the TorchServe image, fully or linked (results before linked clones have
-    no "clones": they were full clones), are kept apart. Fixed runs clone no VM."""
+    no "clones": they were full clones), are kept apart. Fixed runs clone no VM. Runs whose VMs had another CPU weight
+    than the machine's default get WEIGHTED appended."""
+    weighted = WEIGHTED if run.get("vm_cpu_shares") not in (None, DEFAULT_VM_CPU_SHARES) else ""
     if run["scenario"] == "fixed":
-        return f"fixed {run['workers']}"
+        return f"fixed {run['workers']}{weighted}"
     if run.get("autoscaler_overrides"):
-        return "dynamic 2-, tuned"
+        return f"dynamic 2-, tuned{weighted}"
     if not run.get("template_images"):
-        return "dynamic 2-"
-    return LINKED if run.get("clones") == "linked" else GOLDEN
+        return f"dynamic 2-{weighted}"
+    return (LINKED if run.get("clones") == "linked" else GOLDEN) + weighted
+
+
+def base(name: str) -> str:
+    """The label without the weight."""
+    return name.removesuffix(WEIGHTED)
+
+
+def order(name: str) -> tuple[int, bool]:
+    return ORDER.index(base(name)), name != base(name)
 
 
 def spread(values: list[float], digits=1) -> str:
@@ -61,7 +75,7 @@ def groups(runs: list[dict]) -> dict[tuple[str, str], list[dict]]:
     grouped: dict[tuple[str, str], list[dict]] = {}
     for run in runs:
         grouped.setdefault((run["model"], label(run)), []).append(run)
-    return dict(sorted(grouped.items(), key=lambda item: (item[0][0], ORDER.index(item[0][1]))))
+    return dict(sorted(grouped.items(), key=lambda item: (item[0][0], order(item[0][1]))))
 
 
 def table(runs: list[dict]) -> list[str]:
@@ -73,7 +87,7 @@ def table(runs: list[dict]) -> list[str]:
         outside = [r["cpu_cores"]["outside_workers"] for r in items]
         client = [r["cpu_cores"]["load_client"] for r in items]
         workers = sorted({r["workers_label"] for r in items})
-        dissertation = f"{DISSERTATION_TOTAL_S[name]:.0f}" if name in DISSERTATION_TOTAL_S else "-"
+        dissertation = f"{DISSERTATION_TOTAL_S[base(name)]:.0f}" if base(name) in DISSERTATION_TOTAL_S else "-"
         lines.append(
             f"| {model} | {name} | {len(items)} | {items[0]['requests']} | {spread([r['total_s'] for r in items])} | {dissertation} | "
             f"{spread([r['throughput_rps'] for r in items], 2)} | "
@@ -101,14 +115,17 @@ def ratios(runs: list[dict]) -> list[str]:
                     f"- {model}: throughput {workers} vs 2 workers **{ratio:.2f}x** (target >= {target}: {'met' if ratio >= target else 'not met'}); "
                     f"the dissertation's total times give {DISSERTATION_TOTAL_S['fixed 2'] / DISSERTATION_TOTAL_S[f'fixed {workers}']:.2f}x"
                 )
-        fixed4 = median("fixed 4", "total_s")
-        for name in DEFAULT_DYNAMIC:
+        for name in [n for n in DEFAULT_DYNAMIC for n in (n, n + WEIGHTED)]:
             dynamic = median(name, "total_s")
+            # Like with like where there are both: fixed runs with the same VM weight.
+            suffix = name.removeprefix(base(name))
+            fixed4 = median("fixed 4" + suffix, "total_s") or median("fixed 4", "total_s")
             if not (fixed4 and dynamic):
                 continue
             slower = dynamic / fixed4 - 1
+            against = "fixed 4" + suffix if median("fixed 4" + suffix, "total_s") else "fixed 4"
             lines.append(
-                f"- {model}: {name.replace('dynamic 2-', 'dynamic from 2')} vs fixed 4, total time **{100 * slower:+.1f}%** "
+                f"- {model}: {name.replace('dynamic 2-', 'dynamic from 2')} vs {against}, total time **{100 * slower:+.1f}%** "
                 f"(target within {100 * DYNAMIC_VS_FIXED4_TARGET:.0f}%: "
                 f"{'met' if slower <= DYNAMIC_VS_FIXED4_TARGET else 'not met'}); the dissertation: "
                 f"{100 * (DISSERTATION_TOTAL_S['dynamic 2-'] / DISSERTATION_TOTAL_S['fixed 4'] - 1):+.1f}%"
@@ -126,7 +143,7 @@ def plot_times(runs: list[dict], path: Path):
     models = sorted({model for model, _name in grouped})
     figure, axes = plt.subplots(1, len(models) + 1, figsize=(5 * (len(models) + 1), 4), squeeze=False)
     for axis, model in zip(axes[0], models, strict=False):
-        names = [name for name in ORDER if (model, name) in grouped]
+        names = sorted((name for m, name in grouped if m == model), key=order)
         medians = [statistics.median(r["total_s"] for r in grouped[(model, n)]) if (model, n) in grouped else 0 for n in names]
         lows = [m - min(r["total_s"] for r in grouped[(model, n)]) if (model, n) in grouped else 0 for n, m in zip(names, medians, strict=True)]
         highs = [max(r["total_s"] for r in grouped[(model, n)]) - m if (model, n) in grouped else 0 for n, m in zip(names, medians, strict=True)]
