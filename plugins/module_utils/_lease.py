@@ -127,16 +127,7 @@ def bounds_problem(entry):
 
 def check_bounds(bounds):
     """``bounds`` as ``{service: {min, max}}``; LeaseError naming the entry at fault."""
-    checked = {}
-    for index, entry in enumerate(bounds):
-        if not isinstance(entry, dict) or not isinstance(entry.get("service"), str) or not entry["service"].strip():
-            raise LeaseError(f"bounds[{index}] must have a service, the name of a Swarm service such as 'resnet18'; got {entry!r}")
-        values = {"min": entry.get("min"), "max": entry.get("max")}
-        problem = bounds_problem(values)
-        if problem:
-            raise LeaseError(f"bounds[{index}] ({entry['service']}): {problem}; give the fewest and most replicas the run kept the service to")
-        checked[entry["service"]] = values
-    return checked
+    return dict(checked_entries("bounds", bounds, ("min", "max"), bounds_problem, "give the fewest and most replicas the run kept the service to"))
 
 
 def floor_problem(entry):
@@ -153,17 +144,25 @@ def floor_problem(entry):
     return None
 
 
+def checked_entries(option, entries, fields, problem_of, fix):
+    """``(service, {field: value})`` of each entry of the list ``option``, checked by ``problem_of``; LeaseError naming
+    the entry at fault and ``fix``."""
+    for index, entry in enumerate(entries):
+        if not isinstance(entry, dict) or not isinstance(entry.get("service"), str) or not entry["service"].strip():
+            raise LeaseError(f"{option}[{index}] must have a service, the name of a Swarm service such as 'resnet18'; got {entry!r}")
+        values = {field: entry.get(field) for field in fields}
+        problem = problem_of(values)
+        if problem:
+            raise LeaseError(f"{option}[{index}] ({entry['service']}): {problem}; {fix}")
+        yield entry["service"], values
+
+
 def check_floors(floors):
     """``floors`` as ``{service: [{replicas, until, reason}]}``; LeaseError naming the entry at fault."""
     checked = {}
-    for index, floor in enumerate(floors):
-        if not isinstance(floor, dict) or not isinstance(floor.get("service"), str) or not floor["service"].strip():
-            raise LeaseError(f"floors[{index}] must have a service, the name of a Swarm service such as 'resnet18'; got {floor!r}")
-        entry = {"replicas": floor.get("replicas"), "until": floor.get("until"), "reason": floor.get("reason")}
-        problem = floor_problem(entry)
-        if problem:
-            raise LeaseError(f"floors[{index}] ({floor['service']}): {problem}; give replicas as the fewest replicas and until as epoch seconds")
-        checked.setdefault(floor["service"], []).append(entry)
+    fix = "give replicas as the fewest replicas and until as epoch seconds"
+    for service, entry in checked_entries("floors", floors, ("replicas", "until", "reason"), floor_problem, fix):
+        checked.setdefault(service, []).append(entry)
     return checked
 
 

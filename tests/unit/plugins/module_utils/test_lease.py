@@ -231,19 +231,24 @@ def test_floors_of_a_release_that_does_not_hold_the_lease_are_not_recorded(lease
 
 
 @pytest.mark.parametrize(
-    "bad, message",
+    "option, bad, message",
     [
-        ({"replicas": 4, "until": T0}, "floors[0] must have a service"),
-        (floor(replicas=-1), "floors[0] (resnet18): replicas -1 is not a whole number of 0 or more"),
-        (floor(replicas=True), "replicas True is not a whole number"),
-        (floor(until="tomorrow"), "until 'tomorrow' is not a number"),
+        ("floors", {"replicas": 4, "until": T0}, "floors[0] must have a service"),
+        ("floors", floor(replicas=-1), "floors[0] (resnet18): replicas -1 is not a whole number of 0 or more"),
+        ("floors", floor(replicas=True), "replicas True is not a whole number"),
+        ("floors", floor(until="tomorrow"), "until 'tomorrow' is not a number"),
+        ("bounds", {"min": 2, "max": 6}, "bounds[0] must have a service"),
+        ("bounds", {"service": "resnet18", "min": -1, "max": 6}, "bounds[0] (resnet18): min -1 is not a whole number of 0 or more"),
+        ("bounds", {"service": "resnet18", "min": 2, "max": 0}, "max 0 is not a whole number of 1 or more"),
+        ("bounds", {"service": "resnet18", "min": 2, "max": True}, "max True is not a whole number"),
+        ("bounds", {"service": "resnet18", "min": 7, "max": 6}, "min 7 is above max 6"),
     ],
 )
-def test_a_bad_floor_is_named_and_changes_nothing(lease, path, bad, message):
+def test_a_bad_floor_or_bounds_entry_is_named_and_changes_nothing(lease, path, option, bad, message):
     lease.try_acquire("run-a", 60, now=T0)
     before = content(path)
     with pytest.raises(LeaseError, match=re.escape(message)):
-        lease.release("run-a", floors=[bad], now=T0 + 1)
+        lease.release("run-a", now=T0 + 1, **{option: [bad]})
     assert content(path) == before
 
 
@@ -275,24 +280,6 @@ def test_bounds_of_a_release_that_does_not_hold_the_lease_are_not_recorded(lease
     lease.try_acquire("run-a", 60, now=T0)
     result = lease.release("run-b", bounds=[{"service": "resnet18", "min": 2, "max": 6}], now=T0 + 5)
     assert not result["released"] and result["bounds"] == {} and stored(path)["bounds"] == {}
-
-
-@pytest.mark.parametrize(
-    "bad, message",
-    [
-        ({"min": 2, "max": 6}, "bounds[0] must have a service"),
-        ({"service": "resnet18", "min": -1, "max": 6}, "bounds[0] (resnet18): min -1 is not a whole number of 0 or more"),
-        ({"service": "resnet18", "min": 2, "max": 0}, "max 0 is not a whole number of 1 or more"),
-        ({"service": "resnet18", "min": 2, "max": True}, "max True is not a whole number"),
-        ({"service": "resnet18", "min": 7, "max": 6}, "min 7 is above max 6"),
-    ],
-)
-def test_bad_bounds_are_named_and_change_nothing(lease, path, bad, message):
-    lease.try_acquire("run-a", 60, now=T0)
-    before = content(path)
-    with pytest.raises(LeaseError, match=re.escape(message)):
-        lease.release("run-a", bounds=[bad], now=T0 + 1)
-    assert content(path) == before
 
 
 def test_release_by_another_holder_changes_nothing(lease, path):
