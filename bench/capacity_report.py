@@ -6,7 +6,8 @@ Reads bench/results/capacity.jsonl (one line per run) and prints, per model and 
 (min-max) over the repeats of total time, throughput, p50/p95/p99 latency and failed requests, the cores used outside
 the serving workers, then the scaling efficiency (throughput 4 vs 2 and 6 vs 2 workers) and dynamic vs fixed-4.
 Writes bench/capacity_times.png (total time per scenario, the dissertation's beside) and, for the latest dynamic run
-of each model, bench/capacity_dynamic_<model>.png (workers, replicas and answers per second over the run).
+of each model, bench/capacity_dynamic_<model>.png (workers, replicas and answers per second over the run), and
+bench/capacity_dynamic_<model>_weighted.png for the latest with the VMs weighted (capacity.py --vm-cpu-shares).
 """
 
 from __future__ import annotations
@@ -55,13 +56,13 @@ def label(run: dict) -> str:
     return (LINKED if run.get("clones") == "linked" else GOLDEN) + weighted
 
 
-def base(name: str) -> str:
+def unweighted(name: str) -> str:
     """The label without the weight."""
     return name.removesuffix(WEIGHTED)
 
 
 def order(name: str) -> tuple[int, bool]:
-    return ORDER.index(base(name)), name != base(name)
+    return ORDER.index(unweighted(name)), name != unweighted(name)
 
 
 def spread(values: list[float], digits=1) -> str:
@@ -87,7 +88,7 @@ def table(runs: list[dict]) -> list[str]:
         outside = [r["cpu_cores"]["outside_workers"] for r in items]
         client = [r["cpu_cores"]["load_client"] for r in items]
         workers = sorted({r["workers_label"] for r in items})
-        dissertation = f"{DISSERTATION_TOTAL_S[base(name)]:.0f}" if base(name) in DISSERTATION_TOTAL_S else "-"
+        dissertation = f"{DISSERTATION_TOTAL_S[unweighted(name)]:.0f}" if unweighted(name) in DISSERTATION_TOTAL_S else "-"
         lines.append(
             f"| {model} | {name} | {len(items)} | {items[0]['requests']} | {spread([r['total_s'] for r in items])} | {dissertation} | "
             f"{spread([r['throughput_rps'] for r in items], 2)} | "
@@ -117,13 +118,14 @@ def ratios(runs: list[dict]) -> list[str]:
                 )
         for name in [n for n in DEFAULT_DYNAMIC for n in (n, n + WEIGHTED)]:
             dynamic = median(name, "total_s")
-            # Like with like where there are both: fixed runs with the same VM weight.
-            suffix = name.removeprefix(base(name))
-            fixed4 = median("fixed 4" + suffix, "total_s") or median("fixed 4", "total_s")
-            if not (fixed4 and dynamic):
+            # Like with like where there are both: fixed runs with the same VM weight (a fixed run has no control plane
+            # at work, so the weight changes little there).
+            suffix = name.removeprefix(unweighted(name))
+            candidates = ["fixed 4" + suffix, "fixed 4" + (WEIGHTED if not suffix else "")]
+            against = next((candidate for candidate in candidates if median(candidate, "total_s")), None)
+            if not (against and dynamic):
                 continue
-            slower = dynamic / fixed4 - 1
-            against = "fixed 4" + suffix if median("fixed 4" + suffix, "total_s") else "fixed 4"
+            slower = dynamic / median(against, "total_s") - 1
             lines.append(
                 f"- {model}: {name.replace('dynamic 2-', 'dynamic from 2')} vs {against}, total time **{100 * slower:+.1f}%** "
                 f"(target within {100 * DYNAMIC_VS_FIXED4_TARGET:.0f}%: "
@@ -216,8 +218,11 @@ def report(results: Path, since: str | None = None, until: str | None = None, ta
     written = [f"bench/capacity_times{suffix}.png"]
     for model in sorted({r["model"] for r in runs}):
         dynamic = [r for r in runs if r["model"] == model and r["scenario"] == "dynamic"]
-        if dynamic:
-            path = REPO_ROOT / "bench" / f"capacity_dynamic_{model}{suffix}.png"
-            plot_dynamic(dynamic[-1], path)
-            written.append(str(path.relative_to(REPO_ROOT)))
+        # The latest run of each VM weight: a weighted run's plot gets "_weighted" in its name.
+        for weighted in (False, True):
+            latest = [r for r in dynamic if label(r).endswith(WEIGHTED) == weighted]
+            if latest:
+                path = REPO_ROOT / "bench" / f"capacity_dynamic_{model}{'_weighted' if weighted else ''}{suffix}.png"
+                plot_dynamic(latest[-1], path)
+                written.append(str(path.relative_to(REPO_ROOT)))
     print(f"\nwrote {', '.join(written)}")
