@@ -120,12 +120,12 @@ def ratios(runs: list[dict]) -> list[str]:
             dynamic = median(name, "total_s")
             # Like with like where there are both: fixed runs with the same VM weight (a fixed run has no control plane
             # at work, so the weight changes little there).
-            suffix = name.removeprefix(unweighted(name))
-            candidates = ["fixed 4" + suffix, "fixed 4" + (WEIGHTED if not suffix else "")]
-            against = next((candidate for candidate in candidates if median(candidate, "total_s")), None)
+            same, other = ("fixed 4" + WEIGHTED, "fixed 4") if name.endswith(WEIGHTED) else ("fixed 4", "fixed 4" + WEIGHTED)
+            fixed4 = {candidate: median(candidate, "total_s") for candidate in (same, other)}
+            against = next((candidate for candidate, total in fixed4.items() if total), None)
             if not (against and dynamic):
                 continue
-            slower = dynamic / median(against, "total_s") - 1
+            slower = dynamic / fixed4[against] - 1
             lines.append(
                 f"- {model}: {name.replace('dynamic 2-', 'dynamic from 2')} vs {against}, total time **{100 * slower:+.1f}%** "
                 f"(target within {100 * DYNAMIC_VS_FIXED4_TARGET:.0f}%: "
