@@ -4,12 +4,15 @@
 
 Only one scale playbook may act at a time. A run takes the lease for ``ttl`` seconds (taking it again with the same
 holder renews it) and gives it back when done; a run that crashed holds it only until it expires, and the next run
-takes it over and is told whose lease it replaced. Giving the lease back also records when each ``<service>:<action>``
-last acted, so a playbook honours cooldowns as ``now - last_actions[key]``, and the replica floors a scheduled
-scale-out set (``floors``: at least ``replicas`` of a service until an epoch time), so a scale-in during the scheduled
-window keeps them. Expired floors are dropped at the next write. It also records the replica bounds each service's last
-run kept (``bounds``: ``min``, ``max`` and ``at``, when they were recorded), which the serving_pressure event source
-reads to ask less often for a service already at its maximum.
+takes it over and is told whose lease it replaced. A lease also names the ``ansible-playbook`` process that took it
+(``run``: host, PID and start time); when that process has ended on this host, the lease is abandoned and the next run
+takes it over at once instead of waiting for its expiry, so a failed or killed run blocks nobody. Giving the lease
+back also records when each ``<service>:<action>`` last acted, so a playbook honours cooldowns as ``now -
+last_actions[key]``, and the replica floors a scheduled scale-out set (``floors``: at least ``replicas`` of a service
+until an epoch time), so a scale-in during the scheduled window keeps them. Expired floors are dropped at the next
+write. It also records the replica bounds each service's last run kept (``bounds``: ``min``, ``max`` and ``at``, when
+they were recorded), which the serving_pressure event source reads to ask less often for a service already at its
+maximum.
 
 Every read-modify-write happens under an exclusive ``flock`` on the sidecar ``<path>.lock``. The data file is never
 locked: it is replaced atomically (a temporary file in the same directory, fsync, ``os.replace``), so a reader without
@@ -47,9 +50,63 @@ class LeaseError(Exception):
     """A problem with the lease file or the arguments, worded for the user."""
 
 
-def new_holder():
-    """A fresh holder id, ``<hostname>:<pid>:<random hex>``."""
-    return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(8)}"
+def new_holder(run=None):
+    """A fresh holder id, ``<hostname>:<pid>:<random hex>``, with the PID of ``run`` (the playbook) when there is one."""
+    return f"{socket.gethostname()}:{run['pid'] if run else os.getpid()}:{secrets.token_hex(8)}"
+
+
+def process_start(pid):
+    """The start time of process ``pid`` in clock ticks since boot (``/proc/<pid>/stat`` field 22), or None when it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as handle:
+            stat = handle.read().decode("utf-8", "replace")
+        # The command name (field 2) may hold spaces and parentheses; the fields after its last ')' are plain.
+        return int(stat[stat.rindex(")") + 2 :].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def parent_pid(pid):
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as handle:
+            stat = handle.read().decode("utf-8", "replace")
+        return int(stat[stat.rindex(")") + 2 :].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def is_playbook_process(pid):
+    """Whether ``pid`` runs ansible-playbook (its own script, or a Python interpreter running it)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as handle:
+            argv = handle.read().split(b"\0")
+    except OSError:
+        return False
+    return any(os.path.basename(arg.decode("utf-8", "replace")) == "ansible-playbook" for arg in argv[:2])
+
+
+def current_run(pid=None):
+    """The ansible-playbook process this process runs under, as ``{"host", "pid", "started"}``, or None outside one.
+
+    Ansible forks a worker per task from the ansible-playbook process, and the worker starts the module: the outermost
+    ancestor that runs ansible-playbook is the playbook run itself, which lives exactly as long as the run.
+    """
+    run_pid = None
+    pid = os.getpid() if pid is None else pid
+    while pid and pid > 1:
+        if is_playbook_process(pid):
+            run_pid = pid
+        pid = parent_pid(pid)
+    started = process_start(run_pid) if run_pid else None
+    return {"host": socket.gethostname(), "pid": run_pid, "started": started} if started is not None else None
+
+
+def run_ended(run):
+    """Whether the playbook run ``run`` (as ``current_run`` names it) is known to have ended: it ran on this host and its
+    process is gone, or the PID now belongs to a later process. A run of another host, or none, is never known to have ended."""
+    if not run or run.get("host") != socket.gethostname():
+        return False
+    return process_start(run["pid"]) != run["started"]
 
 
 def is_time(value):
@@ -70,6 +127,9 @@ def lease_problem(lease):
         return "the lease's acquired_at is not a number"
     if lease.get("reason") is not None and not isinstance(lease["reason"], str):
         return "the lease's reason is not a string"
+    run = lease.get("run")
+    if run is not None and not (isinstance(run, dict) and isinstance(run.get("host"), str) and whole(run.get("pid"), 1) and whole(run.get("started"), 0)):
+        return "the lease's run is not an object with host, pid and started"
     return None
 
 
@@ -199,6 +259,7 @@ def describe(state, now):
     return {
         "held_by": lease["holder"] if lease else None,
         "held_reason": lease.get("reason") if lease else None,
+        "held_run": dict(lease["run"]) if lease and lease.get("run") else None,
         "expires_at": lease["expires_at"] if lease else None,
         "expires_in": round(max(lease["expires_at"] - now, 0.0), 3) if lease else None,
         "last_actions": dict(state["last_actions"]),
@@ -219,8 +280,9 @@ def fsync_directory(path):
 class LeaseFile:
     """The lease file at ``path``; its directory must exist."""
 
-    def __init__(self, path, clock=time, lock_timeout=LOCK_TIMEOUT):
+    def __init__(self, path, clock=time, lock_timeout=LOCK_TIMEOUT, ended=run_ended):
         self.path = path
+        self.ended = ended
         self.lock_path = path + ".lock"
         self.directory = os.path.dirname(os.path.abspath(path))
         self.clock = clock
@@ -329,8 +391,9 @@ class LeaseFile:
                 with suppress(OSError):
                     os.unlink(temporary)
 
-    def try_acquire(self, holder, ttl, reason=None, now=None, check_mode=False):
-        """Take the lease when it is free, expired or already ``holder``'s (a renewal), without waiting.
+    def try_acquire(self, holder, ttl, reason=None, now=None, check_mode=False, run=None):
+        """Take the lease when it is free, expired, abandoned (its run ended) or already ``holder``'s (a renewal), without
+        waiting. ``run`` names the playbook run taking it (``current_run()``), so that a later run can tell when it ended.
 
         In check mode, the file is read without the lock and nothing is written.
         """
@@ -338,27 +401,32 @@ class LeaseFile:
         if not is_time(ttl) or ttl <= 0:
             raise LeaseError(f"ttl must be a positive number of seconds, got {ttl!r}")
         if check_mode:
-            return self._acquire(self.read(), holder, ttl, reason, self._now(now), write=False)
+            return self._acquire(self.read(), holder, ttl, reason, self._now(now), run, write=False)
         with self.locked():
             # The time is read once the lock is held: a time read before waiting for the lock could be older than the last write.
-            return self._acquire(self.read(), holder, ttl, reason, self._now(now), write=True)
+            return self._acquire(self.read(), holder, ttl, reason, self._now(now), run, write=True)
 
-    def _acquire(self, state, holder, ttl, reason, now, write):
+    def _acquire(self, state, holder, ttl, reason, now, run, write):
         lease = state["lease"]
         result = {"holder": holder, "acquired": False, "renewed": False, "taken_over": None}
-        if lease is not None and lease["holder"] != holder and lease["expires_at"] > now:
+        abandoned = lease is not None and lease["holder"] != holder and self.ended(lease.get("run"))
+        if lease is not None and lease["holder"] != holder and lease["expires_at"] > now and not abandoned:
             return dict(result, changed=False, **describe(state, now))
         if lease is not None and lease["holder"] == holder:
             result["renewed"] = True
             acquired_at = lease.get("acquired_at", now)
             if reason is None:
                 reason = lease.get("reason")
+            if run is None:
+                run = lease.get("run")
         else:
             acquired_at = now
             if lease is not None:
                 result["taken_over"] = {key: lease.get(key) for key in ("holder", "reason", "acquired_at", "expires_at")}
+                result["taken_over"]["run_ended"] = abandoned
+        stored = {"holder": holder, "reason": reason, "acquired_at": acquired_at, "expires_at": now + ttl, "ttl": ttl}
         state = {
-            "lease": {"holder": holder, "reason": reason, "acquired_at": acquired_at, "expires_at": now + ttl, "ttl": ttl},
+            "lease": dict(stored, run=run) if run else stored,
             "last_actions": state["last_actions"],
             "floors": state["floors"],
             "bounds": state["bounds"],
@@ -367,7 +435,7 @@ class LeaseFile:
             self._write(state, now)
         return dict(result, acquired=True, changed=True, **describe(state, now))
 
-    def acquire(self, holder, ttl, reason=None, wait_timeout=0, poll_interval=1.0, check_mode=False):
+    def acquire(self, holder, ttl, reason=None, wait_timeout=0, poll_interval=1.0, check_mode=False, run=None):
         """``try_acquire``, again every ``poll_interval`` seconds while another holder's live lease exists, for up to ``wait_timeout`` seconds.
 
         Adds ``waited``, the seconds from the call to its last attempt, to the result. Check mode never waits: it reports whether the lease can be taken now.
@@ -379,14 +447,14 @@ class LeaseFile:
         started = self.clock.monotonic()
         deadline = started + wait_timeout
         waited = 0.0
-        result = self.try_acquire(holder, ttl, reason, check_mode=check_mode)
+        result = self.try_acquire(holder, ttl, reason, check_mode=check_mode, run=run)
         while not result["acquired"] and not check_mode:
             remaining = deadline - self.clock.monotonic()
             if remaining <= 0:
                 break
             self.clock.sleep(min(poll_interval, remaining, result["expires_in"] + EXPIRY_MARGIN))
             waited = self.clock.monotonic() - started
-            result = self.try_acquire(holder, ttl, reason, check_mode=check_mode)
+            result = self.try_acquire(holder, ttl, reason, check_mode=check_mode, run=run)
         result["waited"] = round(waited, 3)
         return result
 

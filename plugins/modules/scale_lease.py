@@ -15,8 +15,12 @@ description:
     which the lease lives O(ttl) seconds from now). While another holder's lease is live, the module tries again every
     O(poll_interval) seconds for up to O(wait_timeout) seconds, then returns RV(acquired=false) with who holds the lease,
     why and for how long, or fails when O(fail_when_busy=true).
-  - A run that crashed holds the lease only until it expires; the next run takes it over and returns the replaced
-    lease in RV(taken_over), so the playbook can record that a previous run ended without releasing.
+  - The lease records the C(ansible-playbook) process the module runs under (host, PID and start time). When that
+    process has ended on this host (the run failed, or was killed, before it gave the lease back), the lease is
+    abandoned and the next run takes it over at once, without waiting for it to expire.
+  - A run that crashed holds the lease only until it expires, or until its C(ansible-playbook) process is seen to have
+    ended; the next run takes it over and returns the replaced lease in RV(taken_over), so the playbook can record that
+    a previous run ended without releasing. A lease taken on another host, or outside C(ansible-playbook), is held until it expires.
   - O(state=released) removes the lease when O(holder) holds it, even after it expired, and records now as the last
     action time of each key of O(acted). When another holder, or nobody, holds the lease, nothing changes and
     O(acted) is not recorded, so a late release after a takeover never frees someone else's lease.
@@ -246,13 +250,17 @@ taken_over:
       description: When it was taken, epoch seconds.
       type: float
     expires_at:
-      description: When it expired, epoch seconds.
+      description: When it expires or expired, epoch seconds.
       type: float
+    run_ended:
+      description: Whether it was taken over because the C(ansible-playbook) run that held it had ended, before it expired.
+      type: bool
   sample:
     holder: control:40112:5d0c1e9a3b7f2a44
     reason: scale_out of resnet18
     acquired_at: 1714564800.25
     expires_at: 1714565700.25
+    run_ended: true
 waited:
   description: Seconds spent waiting for another holder's lease.
   returned: O(state=acquired)
@@ -273,6 +281,11 @@ held_reason:
   returned: success, and when O(fail_when_busy=true) fails the run
   type: str
   sample: scale_out of resnet18 for alert ServingLatencyHigh
+held_run:
+  description: The C(ansible-playbook) process that holds the lease (C(host), C(pid), C(started) in clock ticks since boot), or V(null).
+  returned: success, and when O(fail_when_busy=true) fails the run
+  type: dict
+  sample: {"host": "control", "pid": 40112, "started": 8812345}
 expires_at:
   description: When the lease RV(held_by) holds expires, epoch seconds, or V(null) when the lease is free.
   returned: success, and when O(fail_when_busy=true) fails the run
@@ -313,7 +326,7 @@ import datetime
 
 from ansible.module_utils.basic import AnsibleModule
 
-from ansible_collections.mlfleet.serving.plugins.module_utils._lease import LeaseError, LeaseFile, new_holder
+from ansible_collections.mlfleet.serving.plugins.module_utils._lease import LeaseError, LeaseFile, current_run, new_holder
 
 
 def argument_spec():
@@ -350,8 +363,10 @@ def argument_spec():
 def busy_message(path, result):
     until = datetime.datetime.fromtimestamp(result["expires_at"], datetime.UTC).isoformat(timespec="seconds")
     reason = result["held_reason"] or "no reason given"
+    run = result.get("held_run")
+    process = f", ansible-playbook PID {run['pid']} on {run['host']}" if run else ""
     return (
-        f"the scale lease {path} is held by {result['held_by']} ({reason}) for {result['expires_in']:g} s more, until {until}; "
+        f"the scale lease {path} is held by {result['held_by']} ({reason}{process}) for {result['expires_in']:g} s more, until {until}; "
         f"waited {result['waited']:g} s. Let that run finish or raise wait_timeout; if that run is gone, give the lease back "
         f"with state=released and holder={result['held_by']}"
     )
@@ -368,13 +383,15 @@ def main():
         if params["state"] == "released":
             result = lease.release(params["holder"], params["acted"], check_mode=module.check_mode, floors=params["floors"], bounds=params["bounds"])
         else:
+            run = current_run()
             result = lease.acquire(
-                params["holder"] if params["holder"] is not None else new_holder(),
+                params["holder"] if params["holder"] is not None else new_holder(run),
                 params["ttl"],
                 params["reason"],
                 wait_timeout=params["wait_timeout"],
                 poll_interval=params["poll_interval"],
                 check_mode=module.check_mode,
+                run=run,
             )
     except LeaseError as error:
         module.fail_json(msg=str(error))

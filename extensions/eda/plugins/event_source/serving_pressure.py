@@ -201,7 +201,7 @@ EXAMPLES = r"""
         ca_file: /etc/mlfleet/edge-proxy-ca.pem
         cluster: lab
         services: [resnet18, densenet161]
-        lease_file: /home/mlops/.local/share/mlfleet/lab-autoscale.lease
+        lease_file: /var/lib/mlfleet/autoscale.lease
   rules:
     - name: Scale out
       condition: event.action == "scale_out"

@@ -11,6 +11,8 @@ import re
 import signal
 import socket
 import stat
+import subprocess
+import sys
 import time
 
 import pytest
@@ -84,6 +86,7 @@ def test_a_free_lease_is_taken(lease, path):
         "changed": True,
         "held_by": "run-a",
         "held_reason": "scale_out of resnet18",
+        "held_run": None,
         "expires_at": T0 + 60,
         "expires_in": 60.0,
         "last_actions": {},
@@ -115,9 +118,91 @@ def test_an_expired_lease_is_taken_over(lease, path, later):
     lease.try_acquire("run-a", 60, "scale_out of resnet18", now=T0)
     result = lease.try_acquire("run-b", 30, "scale_in", now=T0 + later)
     assert result["acquired"] and result["changed"] and not result["renewed"]
-    assert result["taken_over"] == {"holder": "run-a", "reason": "scale_out of resnet18", "acquired_at": T0, "expires_at": T0 + 60}
+    assert result["taken_over"] == {"holder": "run-a", "reason": "scale_out of resnet18", "acquired_at": T0, "expires_at": T0 + 60, "run_ended": False}
     assert result["held_by"] == "run-b" and result["expires_at"] == T0 + later + 30
     assert stored(path)["lease"]["holder"] == "run-b"
+
+
+RUN_A = {"host": "control", "pid": 4242, "started": 100}
+
+
+@pytest.mark.parametrize(
+    "ended, later, taken, run_ended",
+    [
+        (False, 10, False, None),  # its playbook still runs: the lease holds until it expires
+        (True, 10, True, True),  # its playbook ended before giving it back: abandoned, taken over at once
+        (False, 61, True, False),  # expired, whatever the process
+        (True, 61, True, True),
+    ],
+)
+def test_a_lease_whose_playbook_run_ended_is_taken_over_before_it_expires(path, clock, ended, later, taken, run_ended):
+    asked = []
+
+    def run_has_ended(run):
+        asked.append(run)
+        return ended
+
+    lease = LeaseFile(path, clock=clock, ended=run_has_ended)
+    lease.try_acquire("run-a", 60, "site.yml of lab", now=T0, run=RUN_A)
+    assert stored(path)["lease"]["run"] == RUN_A
+    result = lease.try_acquire("run-b", 60, "scale_out", now=T0 + later, run={"host": "control", "pid": 4343, "started": 200})
+    assert asked[-1] == RUN_A
+    assert result["acquired"] is taken
+    if taken:
+        assert result["taken_over"]["holder"] == "run-a" and result["taken_over"]["run_ended"] is run_ended
+        assert stored(path)["lease"]["run"]["pid"] == 4343
+    else:
+        assert result["held_by"] == "run-a" and result["held_run"] == RUN_A and result["expires_in"] == 50.0
+
+
+def test_a_renewal_keeps_the_run_that_took_the_lease(lease, path):
+    lease.try_acquire("run-a", 60, "scale_out", now=T0, run=RUN_A)
+    lease.try_acquire("run-a", 60, now=T0 + 10)
+    assert stored(path)["lease"]["run"] == RUN_A
+
+
+@pytest.mark.parametrize(
+    "run, ended",
+    [
+        (None, False),  # taken outside ansible-playbook: only its expiry frees it
+        ({"host": "another-control-host", "pid": 1, "started": 0}, False),  # its process cannot be seen from here
+        ("this process", False),
+        ("this process, later start", True),  # the PID was reused by a later process
+        ("a finished process", True),
+    ],
+)
+def test_a_run_has_ended_only_when_its_process_on_this_host_is_gone(run, ended):
+    if run == "a finished process":
+        child = multiprocessing.get_context("fork").Process(target=time.sleep, args=(0,))
+        child.start()
+        child.join(10)
+        run = {"host": socket.gethostname(), "pid": child.pid, "started": 0}
+    elif isinstance(run, str):
+        started = _lease.process_start(os.getpid())
+        run = {"host": socket.gethostname(), "pid": os.getpid(), "started": started + (1 if "later" in run else 0)}
+    assert _lease.run_ended(run) is ended
+
+
+def test_the_run_is_the_outermost_ansible_playbook_process(tmp_path):
+    """A stand-in ansible-playbook that forks a worker (as Ansible does per task), which starts a module through a shell."""
+    (tmp_path / "lease_under_test.py").write_bytes(open(_lease.__file__, "rb").read())
+    (tmp_path / "module.py").write_text("import json\nfrom lease_under_test import current_run\nprint(json.dumps(current_run()))\n")
+    script = tmp_path / "ansible-playbook"
+    script.write_text(
+        "import os, subprocess, sys\n"
+        "if os.fork() == 0:\n"
+        f"    subprocess.run(['/bin/sh', '-c', 'cd {tmp_path} && {sys.executable} module.py'], check=True)\n"
+        "    os._exit(0)\n"
+        "os.wait()\n"
+        "print(os.getpid())\n"
+    )
+    output = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, check=True, timeout=30).stdout.splitlines()
+    run, playbook_pid = json.loads(output[0]), int(output[1])
+    assert run == {"host": socket.gethostname(), "pid": playbook_pid, "started": run["started"]} and run["started"] > 0
+
+
+def test_outside_ansible_playbook_there_is_no_run():
+    assert _lease.current_run() is None
 
 
 def test_the_same_holder_renews_its_lease(lease, path):
@@ -150,6 +235,7 @@ def test_release_gives_the_lease_back_and_records_acted(lease, path):
         "changed": True,
         "held_by": None,
         "held_reason": None,
+        "held_run": None,
         "expires_at": None,
         "expires_in": None,
         "last_actions": {"resnet18:scale_out": T0 + 20, "resnet18:scale_replicas": T0 + 20},
@@ -455,6 +541,7 @@ CORRUPT = [
     (b'{"lease": {"holder": "run-a", "expires_at": NaN}}', "expires_at is not a number"),
     (b'{"lease": {"holder": "run-a", "expires_at": 1, "acquired_at": true}}', "acquired_at is not a number"),
     (b'{"lease": {"holder": "run-a", "expires_at": 1, "reason": 5}}', "reason is not a string"),
+    (b'{"lease": {"holder": "run-a", "expires_at": 1, "run": {"host": "control", "pid": "4242", "started": 1}}}', "run is not an object with host"),
     (b'{"last_actions": []}', "'last_actions' is not an object"),
     (b'{"last_actions": {"resnet18:scale_out": "yesterday"}}', "last_actions['resnet18:scale_out'] is not a number"),
     (b'{"version": 2, "lease": null}', "format version 2"),

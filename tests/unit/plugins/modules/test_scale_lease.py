@@ -82,6 +82,22 @@ def test_fail_when_busy_names_the_holder_and_the_way_out(lease, path):
     assert result["held_by"] == first["holder"] and result["expires_in"] > 0
 
 
+def test_fail_when_busy_names_the_playbook_process_that_holds_it(lease, path, monkeypatch):
+    run = {"host": "control", "pid": 4242, "started": 100}
+    LeaseFile(path).try_acquire("control:4242:00ff", 120, "site.yml of lab", run=run)
+    monkeypatch.setattr(scale_lease, "current_run", lambda: {"host": "control", "pid": 5151, "started": 200})
+    result = lease(fail_when_busy=True)
+    assert "held by control:4242:00ff (site.yml of lab, ansible-playbook PID 4242 on control)" in result["msg"]
+    assert result["held_run"] == run and result["held_by"] == "control:4242:00ff"
+
+
+def test_a_fresh_holder_names_the_playbook_process_and_the_lease_records_it(lease, path, monkeypatch):
+    monkeypatch.setattr(scale_lease, "current_run", lambda: {"host": "control", "pid": 5151, "started": 200})
+    result = lease(reason="site.yml of lab")
+    assert re.fullmatch(rf"{re.escape(socket.gethostname())}:5151:[0-9a-f]{{16}}", result["holder"])
+    assert stored(path)["lease"]["run"] == {"host": "control", "pid": 5151, "started": 200}
+
+
 def test_acquiring_again_with_the_holder_renews(lease, path):
     first = lease(reason="scale_out", ttl=60)
     renewed = lease(holder=first["holder"], ttl=600)
