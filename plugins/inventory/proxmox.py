@@ -10,22 +10,32 @@ version_added: 0.1.0
 author:
   - mlfleet.serving maintainers (@mlfleet)
 description:
-  - Reads the VMs of a Proxmox VE cluster with one C(GET /cluster/resources?type=vm) call, then asks the
-    QEMU guest agent of every running VM for its addresses, concurrently and with a per-call timeout.
+  - Reads the VMs of a Proxmox VE cluster with one C(GET /cluster/resources?type=vm) call, then the config of each
+    selected VM and the QEMU guest agent of every running one for its addresses, concurrently and with a
+    per-call timeout for the agent.
   - Templates are never hosts. The O(filters) are applied to the one cluster answer, so VMs filtered out
     cost no further call.
-  - "The host address (C(ansible_host)) is the first IPv4 address the guest agent reports on C(eth0), else on
-    another interface that is neither loopback nor a container or bridge device. VMs without an agent answer
-    (stopped, agent disabled or not yet up) get the static address of their cloud-init C(ipconfig0) setting,
-    read with one C(GET .../config) call each. A VM with neither is kept in the inventory without
-    C(ansible_host), with C(proxmox_unreachable=true), in the group C(proxmox_unreachable), and a warning
-    names it; the inventory does not fail."
-  - "API calls per parse: one C(/cluster/resources), one agent call per running VM, and one C(config) call per
-    VM without an agent answer (plus the ticket login with a password). With a warm cache: none."
+  - "The host address (C(ansible_host)) is the address of the VM's network device O(address_nic) (V(net0) by
+    default), by the same rule as the module M(mlfleet.serving.proxmox_vm_pool), so both name the same address for
+    a VM: first an address the guest agent reports on the guest interface whose MAC is that device's (IPv4 before
+    IPv6, and only IPv4 when the device's cloud-init C(ipconfigN) sets C(ip=), static or dhcp; never loopback,
+    link-local, multicast, nor an interface of a container engine such as C(docker0), C(docker_gwbridge),
+    C(br-*) or C(veth*)); else, also for VMs without an agent answer (stopped, agent disabled or not yet up), the
+    static address of that C(ipconfigN). An address on another interface is never taken, whatever its name."
+  - "A VM with neither is kept in the inventory without C(ansible_host), with C(proxmox_unreachable=true), in
+    the group C(proxmox_unreachable), and a warning names it and says why; the inventory does not fail."
+  - "Tags are compared and reported lowercase, as Proxmox VE stores them by default (and as the module
+    M(mlfleet.serving.proxmox_vm_pool) compares them); this applies to the O(filters) C(tags) and the keys of
+    O(tag_groups) too. On a cluster whose C(tag-style) in C(datacenter.cfg) is case-sensitive, tags that differ
+    only in case count as one."
+  - "API calls per parse: one C(/cluster/resources), one C(config) call per selected VM (its NIC's MAC and
+    cloud-init setting) and one agent call per running VM (plus the ticket login with a password). With a warm
+    cache: none."
   - The host name is the VM name. VMs that share a name are all named C(<name>-<vmid>) instead, decided over
     all non-template VMs of the cluster so that a host keeps its name when the O(filters) change.
   - "Host variables: C(proxmox_vmid), C(proxmox_name), C(proxmox_node), C(proxmox_status), C(proxmox_tags) (a
-    list), C(proxmox_pool) (null outside a pool), C(proxmox_address_source) (V(agent), V(ipconfig0) or null),
+    list), C(proxmox_pool) (null outside a pool), C(proxmox_address_source) (V(agent), the C(ipconfigN) key such
+    as V(ipconfig0), or null),
     C(proxmox_unreachable) and C(ansible_host)."
   - "Groups: C(proxmox_tag_<tag>) per tag, C(proxmox_pool_<pool>) per pool and C(proxmox_node_<node>) per node
     (sanitized as group names), the groups of O(tag_groups) (C(swarm_managers) and C(swarm_workers) by default),
@@ -64,8 +74,14 @@ options:
     default:
       swarm_manager: swarm_managers
       swarm_worker: swarm_workers
+  address_nic:
+    description:
+      - The VM network device (V(net0) to V(net31)) whose address becomes C(ansible_host); see the description.
+      - Give it the value of the module's C(address_nic) for the VMs it makes.
+    type: str
+    default: net0
   agent_concurrency:
-    description: How many guest agent (and C(config)) calls run at once.
+    description: How many VMs are asked for their C(config) and guest agent answer at once.
     type: int
     default: 16
   agent_timeout:
@@ -110,8 +126,6 @@ groups:
   gpu_nodes: "'gpu' in proxmox_tags"
 """
 
-import ipaddress
-import re
 from concurrent.futures import ThreadPoolExecutor
 
 from ansible.errors import AnsibleParserError
@@ -119,46 +133,18 @@ from ansible.plugins.inventory import BaseInventoryPlugin, Cacheable, Constructa
 from ansible.utils.unsafe_proxy import wrap_var
 
 from ansible_collections.mlfleet.serving.plugins.module_utils._proxmox import CONNECTION_OPTIONS, ProxmoxClient, ProxmoxError
+from ansible_collections.mlfleet.serving.plugins.module_utils._proxmox_guest import (
+    GuestAddress,
+    configured_nic,
+    guest_address,
+    ipconfig_key,
+    split_tags,
+)
 
 # Bump when the cached records change shape, so an older cache entry is refetched instead of misread.
-CACHE_FORMAT = 1
+# 2: tags lowercase; addresses by the NIC's MAC (the rule of _proxmox_guest).
+CACHE_FORMAT = 2
 FILTER_KEYS = ("tags", "pool", "status", "nodes")
-# Interfaces a guest has besides its own NICs: container bridges and tunnels hold addresses Ansible cannot reach.
-VIRTUAL_INTERFACE_PREFIXES = ("lo", "docker", "br-", "veth", "virbr", "cni", "flannel", "cali", "vxlan", "kube")
-
-
-def split_tags(tags):
-    """Proxmox answers `a;b`; configs written by hand may use commas or spaces."""
-    return [tag for tag in re.split(r"[;,\s]+", tags or "") if tag]
-
-
-def agent_address(interfaces):
-    """The first usable IPv4 address: on eth0 first, then on a real NIC, then anywhere else."""
-
-    def rank(interface):
-        name = str(interface.get("name", ""))
-        return 0 if name == "eth0" else 2 if name.startswith(VIRTUAL_INTERFACE_PREFIXES) else 1
-
-    for interface in sorted(interfaces, key=rank):
-        for entry in interface.get("ip-addresses") or []:
-            if entry.get("ip-address-type") != "ipv4":
-                continue
-            try:
-                address = ipaddress.IPv4Address(entry.get("ip-address"))
-            except ValueError:
-                continue
-            if not (address.is_loopback or address.is_link_local or address.is_unspecified):
-                return str(address)
-    return None
-
-
-def ipconfig_address(config):
-    """The static address of cloud-init's `ipconfig0` (`ip=10.0.0.5/24,gw=...`), or None for dhcp or none."""
-    settings = dict(part.split("=", 1) for part in str(config.get("ipconfig0", "")).split(",") if "=" in part)
-    try:
-        return str(ipaddress.ip_interface(settings["ip"]).ip)
-    except (KeyError, ValueError):
-        return None
 
 
 def host_names(vms):
@@ -186,9 +172,13 @@ class InventoryModule(BaseInventoryPlugin, Constructable, Cacheable):
         connection = {name: self.get_option(name) for name in CONNECTION_OPTIONS}
         self._check_credentials(connection)
         filters = self._filters()
+        try:
+            ipconfig_key(self.get_option("address_nic"))
+        except ValueError as error:
+            raise AnsibleParserError(f"{self.NAME}: {error}") from None
         # What the cached records depend on besides the file: another user may see other VMs.
         source = f"{connection['api_user']} at {connection['api_host']}:{connection['api_port']}"
-        fingerprint = {"format": CACHE_FORMAT, "source": source, "filters": filters}
+        fingerprint = {"format": CACHE_FORMAT, "source": source, "filters": filters, "address_nic": self.get_option("address_nic")}
         self.api_calls = {"cluster/resources": 0, "agent": 0, "config": 0}
 
         cache_key = self.get_cache_key(path)
@@ -236,7 +226,8 @@ class InventoryModule(BaseInventoryPlugin, Constructable, Cacheable):
             values = [value] if isinstance(value, str) else value
             if not isinstance(values, list) or not all(isinstance(item, str) for item in values):
                 raise AnsibleParserError(f"{self.NAME}: filters.{key} must be a list of strings, got {value!r}")
-            filters[key] = sorted(str(item) for item in values)
+            # Tags compare as Proxmox stores them, lowercase; see _proxmox_guest.split_tags.
+            filters[key] = sorted(split_tags(";".join(values)) if key == "tags" else (str(item) for item in values))
         if given.get("pool") is not None:
             if not isinstance(given["pool"], str):
                 raise AnsibleParserError(f"{self.NAME}: filters.pool must be a pool name, got {given['pool']!r}")
@@ -256,7 +247,7 @@ class InventoryModule(BaseInventoryPlugin, Constructable, Cacheable):
 
     def _fetch(self, connection, filters):
         """The host records of the selected VMs: plain data, as the cache stores it."""
-        client = ProxmoxClient.from_params(connection)
+        client = ProxmoxClient.from_params(connection, max_connections=self.get_option("agent_concurrency"))
         resources = client.vm_resources()
         self.api_calls["cluster/resources"] += 1
         vms = [
@@ -279,6 +270,7 @@ class InventoryModule(BaseInventoryPlugin, Constructable, Cacheable):
         ]
 
         running = [vm for vm in selected if vm["status"] == "running"]
+        agent_client = None
         if running:
             # The agent calls get their own client so that each call waits agent_timeout, not api_timeout.
             agent_timeout = self.get_option("agent_timeout")
@@ -286,17 +278,11 @@ class InventoryModule(BaseInventoryPlugin, Constructable, Cacheable):
                 agent_client = ProxmoxClient.from_params(connection | {"api_timeout": agent_timeout}, max_connections=self.get_option("agent_concurrency"))
             except ProxmoxError as error:
                 raise ProxmoxError(f"{error} (this was the client for the guest agent calls, which waits agent_timeout: {agent_timeout} s)") from None
-            for vm, (address, reason) in zip(running, self._bounded(lambda vm: self._ask_agent(agent_client, vm), running), strict=True):
-                self.api_calls["agent"] += 1
-                vm.update(address=address, address_source="agent" if address else None, reason=reason)
-
-        agentless = [vm for vm in selected if vm["address"] is None]
-        for vm, (address, reason) in zip(agentless, self._bounded(lambda vm: self._read_ipconfig(client, vm), agentless), strict=True):
-            self.api_calls["config"] += 1
-            if address:
-                vm.update(address=address, address_source="ipconfig0", reason=None)
-            else:
-                vm["reason"] = "; ".join(filter(None, [vm["reason"], reason]))
+        nic = self.get_option("address_nic")
+        for vm, (found, calls) in zip(selected, self._bounded(lambda vm: self._read_address(client, agent_client, vm, nic), selected), strict=True):
+            for kind, count in calls.items():
+                self.api_calls[kind] += count
+            vm.update(address=found.address, address_source=found.source, reason=found.reason)
         return selected
 
     def _bounded(self, function, vms):
@@ -308,29 +294,34 @@ class InventoryModule(BaseInventoryPlugin, Constructable, Cacheable):
             return list(pool.map(function, vms))
 
     @staticmethod
-    def _ask_agent(client, vm):
-        try:
-            answer = client.get(f"nodes/{vm['node']}/qemu/{vm['vmid']}/agent/network-get-interfaces")
-        except ProxmoxError as error:
-            # Agent disabled, not running yet, or timed out: the same to an inventory, which falls back.
-            return None, f"no guest agent answer ({error})"
-        address = agent_address((answer or {}).get("result") or [])
-        return address, None if address else "the guest agent reported no usable IPv4 address"
-
-    @staticmethod
-    def _read_ipconfig(client, vm):
+    def _read_address(client, agent_client, vm, nic):
+        """The VM's address by the rule the module shares (_proxmox_guest): its config names the NIC's MAC and
+        cloud-init address, the guest agent of a running VM the interfaces. Returns the GuestAddress, whose reason
+        says everything that stood in the way, and the API calls made."""
+        calls = {"config": 1, "agent": 0}
         try:
             config = client.get(f"nodes/{vm['node']}/qemu/{vm['vmid']}/config")
         except ProxmoxError as error:
-            return None, f"its config could not be read ({error})"
-        address = ipconfig_address(config or {})
-        return address, None if address else "no static ipconfig0 address"
+            return GuestAddress(None, None, "; ".join(filter(None, [vm["reason"], f"its config could not be read ({error})"]))), calls
+        interfaces, agent_failure = None, None
+        if vm["status"] == "running":
+            calls["agent"] = 1
+            try:
+                answer = agent_client.get(f"nodes/{vm['node']}/qemu/{vm['vmid']}/agent/network-get-interfaces")
+                interfaces = (answer or {}).get("result") or []
+            except ProxmoxError as error:
+                # Agent disabled, not running yet, or timed out: the same to an inventory, which falls back.
+                agent_failure = f"no guest agent answer ({error})"
+        found = guest_address(interfaces, configured_nic(config or {}, nic))
+        if found.address is None:
+            found = found._replace(reason="; ".join(filter(None, [vm["reason"], agent_failure, found.reason])))
+        return found, calls
 
     # --- building the inventory ------------------------------------------------------------------
 
     def _populate(self, records):
         strict = self.get_option("strict")
-        tag_groups = self.get_option("tag_groups") or {}
+        tag_groups = {tag: group for name, group in (self.get_option("tag_groups") or {}).items() for tag in split_tags(name)}
         for record in records:
             host = self.inventory.add_host(wrap_var(record["host"]))
             unreachable = record["address"] is None

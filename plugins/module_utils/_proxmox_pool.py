@@ -1,7 +1,8 @@
 # Copyright (c) mlfleet.serving maintainers
 # GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
 """Decisions of the proxmox_vm_pool module that need no server: membership, template choice, placement,
-VM id allocation, static addresses, scale-in victims and the guest's address.
+VM id allocation, static addresses and scale-in victims. A member's tags and address are read by the rules of
+``_proxmox_guest``, which the inventory plugin shares.
 
 Every function takes plain data (the API's dicts) and returns plain data, so it is tested without Proxmox.
 """
@@ -13,9 +14,9 @@ import re
 import threading
 
 from ansible_collections.mlfleet.serving.plugins.module_utils._proxmox import ProxmoxError
+from ansible_collections.mlfleet.serving.plugins.module_utils._proxmox_guest import split_tags
 
 GIB = 1024**3
-_TAG_SEPARATORS = re.compile(r"[;, ]+")
 # How Proxmox words the two clone failures that are worth a retry.
 ALREADY_EXISTS = re.compile(r"already exists")
 LOCK_TIMEOUT = re.compile(r"can't lock file .* got timeout")
@@ -23,15 +24,6 @@ LOCK_TIMEOUT = re.compile(r"can't lock file .* got timeout")
 
 class PoolError(ProxmoxError):
     """The arguments cannot be carried out against the cluster as it is; the message says why and what to change."""
-
-
-def split_tags(value):
-    """Proxmox's tag list (``a;b``, also accepted with ``,`` or spaces), lowercased as Proxmox stores tags."""
-    return [tag.lower() for tag in _TAG_SEPARATORS.split(value or "") if tag]
-
-
-def join_tags(tags):
-    return ";".join(dict.fromkeys(tag.lower() for tag in tags))
 
 
 def is_member(resource, pool_tag, pool=None):
@@ -120,18 +112,6 @@ def static_ipconfig(address, prefix, gateway=None):
     return f"{value},gw={gateway}" if gateway else value
 
 
-def ipconfig_address(ipconfig):
-    """The IPv4 address of an ``ipconfigN`` value such as ``ip=192.0.2.5/24,gw=192.0.2.1``, or None (dhcp, none)."""
-    for part in (ipconfig or "").split(","):
-        key, _separator, value = part.partition("=")
-        if key.strip() == "ip" and value not in ("", "dhcp"):
-            try:
-                return str(ipaddress.ip_interface(value).ip)
-            except ValueError:
-                return None
-    return None
-
-
 def pick_addresses(ip_range, used, wanted):
     """``wanted`` addresses of ``ip_range`` ({start, end, prefix}) that are not in ``used``, lowest first."""
     try:
@@ -143,7 +123,8 @@ def pick_addresses(ip_range, used, wanted):
         raise PoolError(f"ip_range end {end} lies before its start {start}: swap them")
     if end not in network:
         raise PoolError(f"ip_range {start}-{end} does not fit in {network}: fix ip_range prefix or end")
-    taken = {ipaddress.IPv4Address(address) for address in used if address}
+    # A member's static address may be IPv6 (ip6=); it cannot collide with the range.
+    taken = {address for address in (ipaddress.ip_address(text) for text in used if text) if address.version == 4}
     free = []
     address = start
     while address <= end and len(free) < wanted:
@@ -180,38 +161,6 @@ def choose_victims(members, count, policy="newest", remove_vmids=None, protected
     candidates = sorted((vmid for vmid in by_id if vmid not in protected and vmid not in victims), reverse=policy == "newest")
     victims += candidates[: excess - len(victims)]
     return victims
-
-
-def guest_ipv4(interfaces, mac=None, configured=None):
-    """The VM's address from the agent's network-get-interfaces: the first IPv4 of the interface whose MAC is
-    ``mac`` (net0), else of the one holding the ``configured`` (ipconfig0) address, else of any non-loopback one."""
-
-    def ipv4s(interface):
-        return [
-            entry["ip-address"]
-            for entry in interface.get("ip-addresses") or []
-            if entry.get("ip-address-type") == "ipv4" and not ipaddress.IPv4Address(entry["ip-address"]).is_loopback
-        ]
-
-    usable = [interface for interface in interfaces or [] if interface.get("name") != "lo" and ipv4s(interface)]
-    if mac:
-        for interface in usable:
-            if str(interface.get("hardware-address", "")).lower() == mac.lower():
-                return ipv4s(interface)[0]
-    if configured:
-        for interface in usable:
-            if configured in ipv4s(interface):
-                return configured
-    return ipv4s(usable[0])[0] if usable else None
-
-
-def net_mac(net):
-    """The MAC address in a ``netN`` value such as ``virtio=BC:24:11:00:90:00,bridge=vmbr0``."""
-    for part in (net or "").split(","):
-        key, _separator, value = part.partition("=")
-        if re.fullmatch(r"([0-9A-Fa-f]{2}:){5}[0-9A-Fa-f]{2}", value) and key != "bridge":
-            return value
-    return None
 
 
 DISK_KEY = re.compile(r"^(scsi|virtio|sata|ide|efidisk|tpmstate)\d+$")

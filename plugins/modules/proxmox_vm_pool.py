@@ -13,7 +13,12 @@ description:
   - Pool members are the VMs (not templates) that carry the tag O(pool_tag), and are in the Proxmox pool O(pool)
     when that is given. Names are never used to find members; Proxmox allows repeated names.
   - Missing members are cloned from O(template) in parallel (at most O(parallel) at once), configured (CPU,
-    memory, cloud-init, tags), started and waited for until the guest agent reports an IPv4 address.
+    memory, cloud-init, tags), started and waited for until the guest agent reports their address.
+  - "A member's address is the one on its network device O(address_nic), by the rule the inventory plugin
+    P(mlfleet.serving.proxmox#inventory) follows too: an address the guest agent reports on the guest interface with
+    that device's MAC (IPv4 before IPv6, and only IPv4 when the device's cloud-init C(ipconfigN) sets C(ip=);
+    never loopback, link-local or a container bridge such as C(docker0) or C(br-*)), else the static address of its
+    C(ipconfigN). The module waits for the first; the static one is the C(address) of each RV(created) entry."
   - Surplus members are shut down gracefully, stopped if that fails, and destroyed with their disks.
   - Members that exist but are stopped are started, and members without an address are waited for, so a
     re-run after a failure converges the pool.
@@ -47,7 +52,8 @@ options:
   pool_tag:
     description:
       - The Proxmox tag that marks the pool's members, for example V(swarm-worker).
-      - Stored lowercase, as Proxmox stores tags.
+      - Compared and written lowercase, as Proxmox VE stores tags by default. On a cluster whose C(tag-style) in
+        C(datacenter.cfg) is case-sensitive, tags that differ only in case count as one.
     type: str
     required: true
   pool:
@@ -115,10 +121,18 @@ options:
       - SSH public keys cloud-init installs for O(ciuser) on new members.
     type: list
     elements: str
+  address_nic:
+    description:
+      - The network device (V(net0) to V(net31)) that carries a member's address. The template must have it.
+      - O(ip_range) sets its cloud-init C(ipconfigN) (C(ipconfig1) for V(net1)), and the address waited for is the
+        one on the guest interface with its MAC.
+      - Give the inventory plugin's C(address_nic) the same value, so that both name the same address.
+    type: str
+    default: net0
   ip_range:
     description:
-      - Static IPv4 addresses for new members (C(ipconfig0)), taken lowest first from O(ip_range.start) to
-        O(ip_range.end), skipping the addresses in the C(ipconfig0) of existing members.
+      - Static IPv4 addresses for new members (the C(ipconfigN) of O(address_nic)), taken lowest first from
+        O(ip_range.start) to O(ip_range.end), skipping the static addresses of existing members.
       - Without it new members use DHCP (C(ip=dhcp)).
       - When the range has too few free addresses the module fails before it changes anything.
     type: dict
@@ -155,7 +169,8 @@ options:
     default: true
   wait_for_ip:
     description:
-      - Wait until the guest agent of each running member reports an IPv4 address, for at most O(ip_timeout) seconds.
+      - Wait until the guest agent of each running member reports its address (see O(address_nic)), for at most
+        O(ip_timeout) seconds.
       - The template needs the QEMU guest agent installed and enabled (C(agent=1)).
     type: bool
     default: true
@@ -317,7 +332,10 @@ members:
       type: str
       sample: pve2
     ip:
-      description: First IPv4 address the guest agent reports, null if it did not answer.
+      description:
+        - The address the guest agent reports on the member's O(address_nic), chosen by the rule in the description;
+          null while the agent reports none there (then the inventory plugin names the static C(ipconfigN) address,
+          if there is one).
       type: str
       sample: 192.168.213.50
     status:
@@ -325,7 +343,7 @@ members:
       type: str
       sample: running
     tags:
-      description: The VM's tags.
+      description: The VM's tags, lowercase.
       type: list
       elements: str
       sample: [swarm-worker, mlfleet]
@@ -381,6 +399,14 @@ from ansible_collections.mlfleet.serving.plugins.module_utils._proxmox import (
     ProxmoxTaskError,
     proxmox_argument_spec,
 )
+from ansible_collections.mlfleet.serving.plugins.module_utils._proxmox_guest import (
+    DEFAULT_NIC,
+    agent_address,
+    configured_nic,
+    ipconfig_key,
+    join_tags,
+    split_tags,
+)
 from ansible_collections.mlfleet.serving.plugins.module_utils._proxmox_pool import (
     ALREADY_EXISTS,
     LOCK_TIMEOUT,
@@ -389,14 +415,9 @@ from ansible_collections.mlfleet.serving.plugins.module_utils._proxmox_pool impo
     choose_victims,
     disk_storages,
     find_template,
-    guest_ipv4,
-    ipconfig_address,
     is_member,
-    join_tags,
-    net_mac,
     pick_addresses,
     plan_placement,
-    split_tags,
     static_ipconfig,
 )
 
@@ -428,6 +449,7 @@ def argument_spec():
             ),
         ),
         nameserver=dict(type="str"),
+        address_nic=dict(type="str", default=DEFAULT_NIC),
         extra_tags=dict(type="list", elements="str", default=[]),
         start=dict(type="bool", default=True),
         wait_for_ip=dict(type="bool", default=True),
@@ -458,6 +480,10 @@ def check_arguments(params):
         raise PoolError(f"count must be 0 or more, not {params['count']}")
     if params["cpulimit"] is not None and not 0 <= params["cpulimit"] <= 128:
         raise PoolError(f"cpulimit must be from 0 (no limit) to 128 CPUs, as Proxmox accepts, not {params['cpulimit']:g}")
+    try:
+        ipconfig_key(params["address_nic"])
+    except ValueError as error:
+        raise PoolError(str(error)) from None
     if params["clone_retries"] < 0 or params["poll_interval"] <= 0:
         raise PoolError("clone_retries must be 0 or more and poll_interval more than 0")
     if params["state"] == "present" and (params["count"] is None or not params["template"]):
@@ -483,8 +509,9 @@ class PoolRun:
     # --- reading ---------------------------------------------------------------------------------
 
     def member_details(self, member):
-        """The member as returned, plus the config keys the module needs (net0 MAC, ipconfig0 address)."""
+        """The member as returned, plus what its config says about its address (the NIC's MAC and cloud-init)."""
         config = self.client.get(f"nodes/{member['node']}/qemu/{member['vmid']}/config")
+        nic = configured_nic(config, self.params["address_nic"])
         return {
             "vmid": int(member["vmid"]),
             "name": member.get("name"),
@@ -492,29 +519,31 @@ class PoolRun:
             "ip": None,
             "status": member.get("status"),
             "tags": split_tags(member.get("tags")),
-            "mac": net_mac(config.get("net0")),
-            "address": ipconfig_address(config.get("ipconfig0")),
+            "nic": nic,
+            "address": nic.static_address,
         }
 
     def guest_ip(self, vm, wait):
-        """The member's IPv4 address from the guest agent; with ``wait``, poll until ``ip_timeout`` has passed."""
+        """The member's address as the guest agent reports it (the first step of the shared rule); with ``wait``, poll
+        until ``ip_timeout`` has passed. The static ipconfig address does not count here: it is what the guest was
+        told, not that it is up."""
         deadline = time.monotonic() + self.params["ip_timeout"]
         last = None
         while True:
             try:
                 answer = self.client.get(f"nodes/{vm['node']}/qemu/{vm['vmid']}/agent/network-get-interfaces")
-                address = guest_ipv4(answer.get("result"), vm.get("mac"), vm.get("address"))
+                address, last = agent_address((answer or {}).get("result") or [], vm["nic"])
                 if address:
                     return address
-                last = "no IPv4 address on a non-loopback interface yet"
             except ProxmoxError as error:
                 last = str(error)
             if not wait:
                 return None
             if time.monotonic() >= deadline:
                 raise PoolError(
-                    f"VM {vm['vmid']} ({vm['name']}) on {vm['node']} reported no IPv4 address within ip_timeout {self.params['ip_timeout']}s "
-                    f"(last answer: {last}): check that the template runs qemu-guest-agent and has agent enabled, or raise ip_timeout"
+                    f"VM {vm['vmid']} ({vm['name']}) on {vm['node']} reported no address on {vm['nic'].name} within ip_timeout "
+                    f"{self.params['ip_timeout']}s (last answer: {last}): check that the template runs qemu-guest-agent and has agent "
+                    f"enabled, that address_nic names the NIC the guest gets its address on, or raise ip_timeout"
                 )
             time.sleep(self.params["poll_interval"])
 
@@ -593,7 +622,7 @@ class PoolRun:
         if params["nameserver"] is not None:
             config["nameserver"] = params["nameserver"]
         ip_range = params["ip_range"]
-        config["ipconfig0"] = static_ipconfig(address, ip_range["prefix"], ip_range.get("gateway")) if address else "ip=dhcp"
+        config[ipconfig_key(params["address_nic"])] = static_ipconfig(address, ip_range["prefix"], ip_range.get("gateway")) if address else "ip=dhcp"
         return config
 
     def create(self, template, plan, allocator):

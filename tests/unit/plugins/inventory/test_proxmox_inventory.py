@@ -203,13 +203,13 @@ def test_templates_are_never_hosts_and_shared_names_get_the_vmid(tmp_path, sim):
 # --- API calls ----------------------------------------------------------------------------------
 
 
-def test_one_resources_call_one_agent_call_per_running_vm_and_config_only_without_an_agent_answer(tmp_path, sim):
+def test_one_resources_call_one_config_call_per_vm_and_one_agent_call_per_running_vm(tmp_path, sim):
     admin(sim, "DELETE", "requests")
     _inventory, plugin = parse(write_config(tmp_path, sim))
     calls = api_requests(sim)
-    # 103: agent never up; 104 and 105: stopped.
-    assert calls == {"GET /cluster/resources": 1, "GET agent": len(RUNNING), "GET config": 3}
-    assert plugin.api_calls == {"cluster/resources": 1, "agent": len(RUNNING), "config": 3}
+    # Every VM's config names the MAC the agent's interfaces are matched by; 104 and 105 are stopped.
+    assert calls == {"GET /cluster/resources": 1, "GET agent": len(RUNNING), "GET config": len(VMS)}
+    assert plugin.api_calls == {"cluster/resources": 1, "agent": len(RUNNING), "config": len(VMS)}
 
 
 def test_filtered_out_vms_cost_no_call(tmp_path, sim):
@@ -217,7 +217,7 @@ def test_filtered_out_vms_cost_no_call(tmp_path, sim):
     inventory, _plugin = parse(write_config(tmp_path, sim, filters={"nodes": ["pve1"]}))
     assert set(inventory.hosts) == {"manager-1", "worker-102"}
     calls = api_requests(sim)
-    assert (calls["GET /cluster/resources"], calls["GET agent"], calls["GET config"]) == (1, 2, 0)
+    assert (calls["GET /cluster/resources"], calls["GET agent"], calls["GET config"]) == (1, 2, 2)
 
 
 @pytest.mark.parametrize(
@@ -263,7 +263,7 @@ def test_a_slow_agent_counts_as_none_after_agent_timeout(tmp_path, sim, monkeypa
     manager = inventory.get_host("manager-1").get_vars()
     assert (manager["ansible_host"], manager["proxmox_address_source"]) == ("10.20.0.11", "ipconfig0")
     assert inventory.get_host("worker-102").get_vars()["proxmox_address_source"] == "agent"
-    assert plugin.api_calls == {"cluster/resources": 1, "agent": 2, "config": 1}
+    assert plugin.api_calls == {"cluster/resources": 1, "agent": 2, "config": 2}
     assert warnings == []
 
 
@@ -428,31 +428,36 @@ def test_verify_file_rejects_a_missing_file(tmp_path):
     assert not inventory_loader.get("mlfleet.serving.proxmox").verify_file(str(tmp_path / "absent.proxmox.yml"))
 
 
-# --- address choice -------------------------------------------------------------------------------
+# --- address choice and tags (the rules themselves: tests/unit/plugins/module_utils/test_proxmox_guest.py) ------
 
 
-def interface(name, *addresses):
-    return {"name": name, "ip-addresses": [{"ip-address-type": "ipv6" if ":" in a else "ipv4", "ip-address": a, "prefix": 24} for a in addresses]}
+def test_address_nic_must_name_a_network_device(tmp_path, sim):
+    with pytest.raises(AnsibleParserError, match=r"address_nic 'eth0' is not a network device of a VM: name one of net0 to net31"):
+        parse(write_config(tmp_path, sim, address_nic="eth0"))
 
 
-@pytest.mark.parametrize(
-    ("interfaces", "address"),
-    [
-        ([interface("lo", "127.0.0.1"), interface("docker0", "172.17.0.1"), interface("eth0", "10.0.0.5")], "10.0.0.5"),
-        ([interface("lo", "127.0.0.1"), interface("docker0", "172.17.0.1"), interface("ens18", "fe80::1", "10.0.0.6")], "10.0.0.6"),
-        ([interface("eth0", "169.254.1.1", "fd00::5"), interface("eth1", "10.0.1.7")], "10.0.1.7"),
-        ([interface("br-1234", "172.18.0.1")], "172.18.0.1"),
-        ([interface("lo", "127.0.0.1"), interface("eth0", "::1")], None),
-        ([], None),
-    ],
-)
-def test_agent_address_prefers_eth0_then_real_nics(interfaces, address):
-    assert proxmox_inventory.agent_address(interfaces) == address
+def test_an_address_nic_the_vms_lack_leaves_the_agent_out_and_says_why(tmp_path, sim, monkeypatch):
+    warnings = []
+    plugin = inventory_loader.get("mlfleet.serving.proxmox")
+    monkeypatch.setattr(plugin.display, "warning", lambda message, *args, **kwargs: warnings.append(message))
+    inventory = InventoryData()
+    plugin.parse(inventory, DataLoader(), write_config(tmp_path, sim, address_nic="net1", filters={"nodes": ["pve1"]}), cache=False)
+    assert members(inventory, "proxmox_unreachable") == {"manager-1", "worker-102"}
+    assert any("VM 101 (manager-1) on pve1 has no address: the VM config has no net1 with a MAC address; no static ipconfig1 address" in w for w in warnings)
 
 
-@pytest.mark.parametrize(
-    ("ipconfig0", "address"),
-    [("ip=10.20.0.5/24,gw=10.20.0.1", "10.20.0.5"), ("gw=10.20.0.1,ip=10.20.0.6/16", "10.20.0.6"), ("ip=dhcp", None), ("ip6=auto", None), ("", None)],
-)
-def test_ipconfig_address(ipconfig0, address):
-    assert proxmox_inventory.ipconfig_address({"ipconfig0": ipconfig0}) == address
+def test_tags_are_lowercase_for_variables_groups_filters_and_tag_groups(tmp_path, sim, monkeypatch):
+    original = proxmox_inventory.ProxmoxClient.vm_resources
+
+    def with_mixed_case_tags(self):
+        entries = original(self)
+        for entry in entries:
+            if entry["vmid"] == 101:
+                entry["tags"] = "Swarm_Manager;MLfleet;mlfleet"
+        return entries
+
+    monkeypatch.setattr(proxmox_inventory.ProxmoxClient, "vm_resources", with_mixed_case_tags)
+    inventory, _plugin = parse(write_config(tmp_path, sim, filters={"tags": ["MLFLEET"]}, tag_groups={"SWARM_manager": "leaders"}))
+    assert host_vars(inventory, "manager-1")["proxmox_tags"] == ["swarm_manager", "mlfleet"]
+    assert members(inventory, "leaders") == members(inventory, "proxmox_tag_swarm_manager") == {"manager-1"}
+    assert set(inventory.hosts) == {"manager-1", "worker-102", "worker-103"}

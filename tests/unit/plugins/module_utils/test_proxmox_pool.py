@@ -13,14 +13,9 @@ from ansible_collections.mlfleet.serving.plugins.module_utils._proxmox_pool impo
     choose_victims,
     disk_storages,
     find_template,
-    guest_ipv4,
-    ipconfig_address,
     is_member,
-    join_tags,
-    net_mac,
     pick_addresses,
     plan_placement,
-    split_tags,
     static_ipconfig,
 )
 
@@ -36,15 +31,10 @@ def node(name, free_gib, maxmem_gib=64, status="online"):
     return {"node": name, "status": status, "maxmem": maxmem_gib * GIB, "mem": (maxmem_gib - free_gib) * GIB}
 
 
-def test_tags_are_split_on_any_proxmox_separator_and_lowercased():
-    assert split_tags("Worker;mlfleet, gpu x") == ["worker", "mlfleet", "gpu", "x"]
-    assert split_tags(None) == []
-    assert join_tags(["Worker", "mlfleet", "worker"]) == "worker;mlfleet"
-
-
 def test_members_carry_the_tag_are_no_templates_and_sit_in_the_pool():
     vm = {"type": "qemu", "vmid": 101, "tags": "mlfleet;worker", "pool": "mlfleet", "template": 0}
     assert is_member(vm, "Worker")
+    assert is_member(vm | {"tags": "MLfleet,WORKER"}, "worker")
     assert is_member(vm, "worker", "mlfleet")
     assert not is_member(vm, "worker", "other")
     assert not is_member(vm | {"template": 1}, "worker")
@@ -118,6 +108,8 @@ def test_ids_are_unique_across_threads_and_skip_taken_ones():
 def test_static_addresses_skip_used_ones_and_network_boundaries():
     ip_range = {"start": "192.168.213.0", "end": "192.168.213.5", "prefix": 24}
     assert pick_addresses(ip_range, ["192.168.213.2", None], 3) == ["192.168.213.1", "192.168.213.3", "192.168.213.4"]
+    # A member's static address may be IPv6 (ip6= in its ipconfig): it takes nothing from an IPv4 range.
+    assert pick_addresses(ip_range, ["2001:db8::1", "192.168.213.1"], 1) == ["192.168.213.2"]
     assert static_ipconfig("192.168.213.1", 24, "192.168.213.254") == "ip=192.168.213.1/24,gw=192.168.213.254"
     assert static_ipconfig("192.168.213.1", 24) == "ip=192.168.213.1/24"
 
@@ -134,14 +126,6 @@ def test_static_addresses_skip_used_ones_and_network_boundaries():
 def test_address_range_errors_say_what_to_change(ip_range, message):
     with pytest.raises(PoolError, match=message):
         pick_addresses(ip_range, ["10.0.0.5"], 2)
-
-
-def test_ipconfig_and_net_parsing():
-    assert ipconfig_address("ip=192.0.2.5/24,gw=192.0.2.1") == "192.0.2.5"
-    assert ipconfig_address("ip=dhcp") is None
-    assert ipconfig_address(None) is None
-    assert net_mac("virtio=BC:24:11:00:90:00,bridge=vmbr0") == "BC:24:11:00:90:00"
-    assert net_mac("bridge=vmbr0") is None
 
 
 MEMBERS = [{"vmid": vmid} for vmid in (101, 102, 103, 104, 105)]
@@ -161,28 +145,6 @@ def test_explicit_victims_come_first_and_are_bounded():
         choose_victims(MEMBERS, 4, remove_vmids=[101, 102])
     with pytest.raises(PoolError, match=r"VMs 101 are both in remove_vmids and protected"):
         choose_victims(MEMBERS, 4, remove_vmids=[101], protected=[101])
-
-
-INTERFACES = [
-    {"name": "lo", "hardware-address": "00:00:00:00:00:00", "ip-addresses": [{"ip-address-type": "ipv4", "ip-address": "127.0.0.1", "prefix": 8}]},
-    {"name": "docker0", "hardware-address": "02:42:ac:11:00:01", "ip-addresses": [{"ip-address-type": "ipv4", "ip-address": "172.17.0.1", "prefix": 16}]},
-    {
-        "name": "eth0",
-        "hardware-address": "bc:24:11:aa:bb:cc",
-        "ip-addresses": [
-            {"ip-address-type": "ipv6", "ip-address": "fe80::1", "prefix": 64},
-            {"ip-address-type": "ipv4", "ip-address": "192.0.2.7", "prefix": 24},
-        ],
-    },
-]
-
-
-def test_guest_address_prefers_net0_mac_then_configured_then_first():
-    assert guest_ipv4(INTERFACES, mac="BC:24:11:AA:BB:CC") == "192.0.2.7"
-    assert guest_ipv4(INTERFACES, mac="00:11:22:33:44:55", configured="192.0.2.7") == "192.0.2.7"
-    assert guest_ipv4(INTERFACES) == "172.17.0.1"
-    assert guest_ipv4(INTERFACES[:1]) is None
-    assert guest_ipv4(None) is None
 
 
 def test_disk_storages_are_the_disks_not_cdroms_or_the_cloud_init_drive():

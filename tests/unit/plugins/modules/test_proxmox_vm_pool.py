@@ -219,7 +219,7 @@ def test_agent_that_never_answers_fails_with_the_deadline(sim, module):
     started = time.monotonic()
     result = module(count=1, ip_timeout=1)
     assert result["rc"] == 1 and time.monotonic() - started < 10
-    assert "reported no IPv4 address within ip_timeout 1s" in result["msg"] and "QEMU guest agent is not running" in result["msg"]
+    assert "reported no address on net0 within ip_timeout 1s" in result["msg"] and "QEMU guest agent is not running" in result["msg"]
     assert "was created and tagged" in result["msg"]
 
 
