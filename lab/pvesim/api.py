@@ -14,8 +14,9 @@ from typing import Any
 
 from .access import SUPERUSER, AccessControl, PermissionDenied, Principal
 from .errors import ApiError
-from .formats import FormatError, check_ssh_public_keys, decode_sshkeys, split_list
-from .model import VM, Cluster, locked_message, with_mac
+from .formats import FormatError, check_ssh_public_keys, decode_sshkeys, split_list, unique_tags
+from .model import RUNNING_MACHINE, VM, Cluster, locked_message, with_mac
+from .validation import ParameterErrors
 
 PVE_VERSION = {"version": "9.1.1", "release": "9.1", "repoid": "42d4b4fa"}
 QEMU_VERSION = "10.1.2"
@@ -132,9 +133,11 @@ async def next_id(call: Call) -> str:
     return str(cluster.next_free_id())
 
 
-def vm_resource(cluster: Cluster, vm: VM) -> dict:
+def vm_stats(cluster: Cluster, vm: VM) -> dict:
+    """A guest as pve-manager's PVE::API2Tools::extract_vm_stats reports it (pool members, /cluster/resources)."""
     running = vm.status == "running"
-    entry = {
+    mem = vm.memory_bytes * 2 // 5 if running else 0
+    return {
         "id": f"qemu/{vm.vmid}",
         "type": "qemu",
         "node": vm.node,
@@ -143,7 +146,8 @@ def vm_resource(cluster: Cluster, vm: VM) -> dict:
         "status": vm.status if cluster.node_online(vm.node) else "unknown",
         "maxcpu": vm.cpus,
         "maxmem": vm.memory_bytes,
-        "mem": vm.memory_bytes * 2 // 5 if running else 0,
+        "mem": mem,
+        "memhost": mem,
         "cpu": 0.02 if running else 0,
         "maxdisk": vm.maxdisk,
         "disk": 0,
@@ -154,6 +158,11 @@ def vm_resource(cluster: Cluster, vm: VM) -> dict:
         "diskwrite": 0,
         "template": _flag(vm.is_template),
     }
+
+
+def vm_resource(cluster: Cluster, vm: VM) -> dict:
+    """A /cluster/resources guest entry: its stats plus lock, tags and pool."""
+    entry = vm_stats(cluster, vm)
     for key in ("tags", "lock"):
         if vm.config.get(key):
             entry[key] = str(vm.config[key])
@@ -162,26 +171,23 @@ def vm_resource(cluster: Cluster, vm: VM) -> dict:
     return entry
 
 
-def node_resource(cluster: Cluster, name: str) -> dict:
+def node_stats(cluster: Cluster, name: str, audit: bool) -> dict:
+    """A node as pve-manager's PVE::API2Tools::extract_node_stats reports it (/nodes, /cluster/resources): every node,
+    with its usage and capacity only for callers with Sys.Audit on it, and usage only while it is online."""
     node = cluster.nodes[name]
     online = cluster.node_online(name)
-    used = cluster.node_memory_used(name)
-    running = sum(1 for vm in cluster.vms.values() if vm.node == name and vm.status == "running")
-    return {
-        "id": f"node/{name}",
-        "type": "node",
-        "node": name,
-        "status": "online" if online else "offline",
-        "maxcpu": node.maxcpu,
-        "maxmem": node.maxmem,
-        "mem": used + 2 * 1024**3 if online else 0,
-        "cpu": min(1.0, 0.01 + 0.02 * running / node.maxcpu) if online else 0,
-        "maxdisk": 100 * 1024**3,
-        "disk": 12 * 1024**3,
-        "uptime": int(cluster.clock.time() - node.boot_time) if online else 0,
-        "level": "",
-        "cgroup-mode": 2,
-    }
+    entry: dict[str, Any] = {"id": f"node/{name}", "node": name, "type": "node", "status": "online" if online else "offline", "level": ""}
+    if audit and online:
+        running = sum(1 for vm in cluster.vms.values() if vm.node == name and vm.status == "running")
+        entry |= {
+            "uptime": int(cluster.clock.time() - node.boot_time),
+            "cpu": min(1.0, 0.01 + 0.02 * running / node.maxcpu),
+            "mem": cluster.node_memory_used(name) + 2 * 1024**3,
+            "disk": 12 * 1024**3,
+        }
+    if audit:
+        entry |= {"maxcpu": node.maxcpu, "maxmem": node.maxmem, "maxdisk": 100 * 1024**3}
+    return entry
 
 
 def storage_resource(cluster: Cluster, node: str, name: str) -> dict:
@@ -202,22 +208,38 @@ def storage_resource(cluster: Cluster, node: str, name: str) -> dict:
 
 @endpoint("GET", "/cluster/resources")
 async def resources(call: Call) -> list:
+    """As pve-manager's PVE::API2::Cluster `resources`: guests need VM.Audit (their pool shows with Pool.Audit on it),
+    nodes are listed for everyone (stats with Sys.Audit), storages need Datastore.Audit; pools sum their running guests."""
     cluster, wanted = call.cluster, call.params.get("type")
+    pools = {poolid: {"id": f"/pool/{poolid}", "type": "pool", "pool": poolid} for poolid in cluster.pools if call.allowed(f"/pool/{poolid}", ["Pool.Audit"])}
     entries: list[dict] = []
-    if wanted in (None, "vm"):
-        entries += [vm_resource(cluster, vm) for vmid, vm in sorted(cluster.vms.items()) if call.allowed(f"/vms/{vmid}", ["VM.Audit"])]
+    for vmid, vm in sorted(cluster.vms.items()) if wanted in (None, "vm") else ():
+        entry = vm_resource(cluster, vm)
+        if entry["uptime"] and entry.get("pool") in pools:
+            _add_to_pool_stats(pools[entry["pool"]], entry)
+        if call.allowed(f"/vms/{vmid}", ["VM.Audit"]):
+            if "pool" in entry and entry["pool"] not in pools:
+                del entry["pool"]
+            entries.append(entry)
     if wanted in (None, "node"):
-        entries += [node_resource(cluster, name) for name in cluster.nodes if call.allowed(f"/nodes/{name}", ["Sys.Audit"])]
+        # pve-manager adds each node's cgroup mode from its static info, whatever the caller may audit.
+        entries += [node_stats(cluster, name, call.allowed(f"/nodes/{name}", ["Sys.Audit"])) | {"cgroup-mode": 2} for name in cluster.nodes]
     if wanted in (None, "storage"):
-        entries += [
-            storage_resource(cluster, node, name)
-            for node in cluster.nodes
-            for name in cluster.storages
-            if call.allowed(f"/storage/{name}", ["Datastore.Audit", "Datastore.AllocateSpace"], any_of=True)
-        ]
+        audited = [name for name in cluster.storages if call.allowed(f"/storage/{name}", ["Datastore.Audit"])]
+        entries += [storage_resource(cluster, node, name) for name in audited for node in cluster.nodes]
     if wanted is None:
-        entries += [{"id": f"/pool/{poolid}", "type": "pool", "pool": poolid} for poolid in cluster.pools if call.allowed(f"/pool/{poolid}", ["Pool.Audit"])]
+        entries += list(pools.values())
     return entries
+
+
+def _add_to_pool_stats(pool: dict, guest: dict) -> None:
+    pool["uptime"] = max(pool.get("uptime", 0), guest["uptime"])
+    pool["mem"] = pool.get("mem", 0) + guest["mem"]
+    pool["maxmem"] = pool.get("maxmem", 0) + guest["maxmem"]
+    cpu, maxcpu = pool.get("cpu", 0), pool.get("maxcpu", 0)
+    # Proxmox weighs each guest's CPU fraction by its CPU count.
+    pool["cpu"] = (cpu * maxcpu + guest["cpu"] * guest["maxcpu"]) / (maxcpu + guest["maxcpu"])
+    pool["maxcpu"] = maxcpu + guest["maxcpu"]
 
 
 def _may_see_task(call: Call, task) -> bool:
@@ -245,13 +267,10 @@ async def storage_list(call: Call) -> list:
 
 
 def _pool_members(cluster: Cluster, poolid: str, wanted: str | None) -> list[dict]:
+    """Members with the stats /cluster/resources gives them, in Proxmox's order (VMIDs sorted as strings)."""
     if wanted not in (None, "qemu"):
         return []
-    return [
-        {"id": f"qemu/{vm.vmid}", "node": vm.node, "type": "qemu", "vmid": vm.vmid}
-        for vm in sorted(cluster.vms.values(), key=lambda vm: vm.vmid)
-        if vm.pool == poolid
-    ]
+    return [vm_stats(cluster, vm) for vm in sorted(cluster.vms.values(), key=lambda vm: str(vm.vmid)) if vm.pool == poolid]
 
 
 def _existing_pool(cluster: Cluster, poolid: str) -> str:
@@ -260,23 +279,24 @@ def _existing_pool(cluster: Cluster, poolid: str) -> str:
     return poolid
 
 
+def _pool_info(cluster: Cluster, poolid: str, wanted: str | None) -> dict:
+    return {"members": _pool_members(cluster, poolid, wanted), "comment": cluster.pools[poolid], "poolid": poolid}
+
+
 @endpoint("GET", "/pools")
 async def pools(call: Call) -> list:
     cluster, only = call.cluster, call.params.get("poolid")
-    entries = []
-    for poolid, comment in sorted(cluster.pools.items()):
-        if (only is None or poolid == only) and call.allowed(f"/pool/{poolid}", ["Pool.Audit"]):
-            entry: dict[str, Any] = {"poolid": poolid, "comment": comment}
-            if only is not None:
-                entry["members"] = _pool_members(cluster, poolid, call.params.get("type"))
-            entries.append(entry)
-    return entries
+    if only is not None:
+        # pve-manager's PVE::API2::Pool `index` checks Pool.Audit here with noerr and ignores the result:
+        # any user gets a named pool with its members.
+        return [_pool_info(cluster, _existing_pool(cluster, only), call.params.get("type"))]
+    return [{"poolid": poolid, "comment": comment} for poolid, comment in sorted(cluster.pools.items()) if call.allowed(f"/pool/{poolid}", ["Pool.Audit"])]
 
 
 @endpoint("GET", "/pools/{poolid}")
 async def pool(call: Call) -> dict:
-    poolid = _existing_pool(call.cluster, call.params["poolid"])
-    return {"comment": call.cluster.pools[poolid], "members": _pool_members(call.cluster, poolid, call.params.get("type"))}
+    # Proxmox answers with its `index` entry, `poolid` included although the schema does not declare it.
+    return _pool_info(call.cluster, _existing_pool(call.cluster, call.params["poolid"]), call.params.get("type"))
 
 
 @endpoint("POST", "/pools")
@@ -329,19 +349,53 @@ HANDLERS[("DELETE", "/pools/{poolid}")] = _delete_pool
 
 @endpoint("GET", "/nodes")
 async def nodes(call: Call) -> list:
-    entries = []
-    for name in call.cluster.nodes:
-        entry = node_resource(call.cluster, name)
-        entries.append(
-            {key: entry[key] for key in ("node", "status", "cpu", "maxcpu", "mem", "maxmem", "uptime", "level")} | {"ssl_fingerprint": call.ssl_fingerprint}
-        )
-    return entries
+    return [
+        node_stats(call.cluster, name, call.allowed(f"/nodes/{name}", ["Sys.Audit"])) | {"ssl_fingerprint": call.ssl_fingerprint} for name in call.cluster.nodes
+    ]
+
+
+# pve-manager's PVE::API2::Nodes::Nodeinfo `index`; most of these answer 501 here.
+NODE_SUBDIRS = (
+    "aplinfo apt capabilities ceph certificates config disks dns firewall hardware hosts journal lxc migrateall netstat network qemu "
+    "query-oci-repo-tags query-url-metadata replication report rrd rrddata scan sdn services spiceshell startall status stopall storage "
+    "subscription suspendall syslog tasks termproxy time version vncshell vzdump wakeonlan"
+).split()
 
 
 @endpoint("GET", "/nodes/{node}")
 async def node_index(call: Call) -> list:
     call.cluster.node(call.params["node"])
-    return [{"name": name} for name in ("qemu", "status", "tasks", "version")]
+    return [{"name": name} for name in NODE_SUBDIRS]
+
+
+@endpoint("GET", "/nodes/{node}/lxc")
+async def lxc_list(call: Call) -> list:
+    call.cluster.node(call.params["node"])
+    return []  # no containers are simulated
+
+
+# pve-storage's PVE::Storage::volume_list content types, in its order.
+CONTENT_TYPES = ("rootdir", "images", "vztmpl", "iso", "backup", "snippets", "import")
+
+
+@endpoint("GET", "/nodes/{node}/storage/{storage}/content")
+async def storage_content(call: Call) -> list:
+    """pve-storage's PVE::API2::Storage::Content `index`: each volume needs Datastore.Allocate on the storage, or
+    Datastore.Audit on it and VM.Config.Disk on the owning VM (PVE::Storage::check_volume_access)."""
+    cluster, params = call.cluster, call.params
+    node = cluster.node(params["node"]).name
+    name = params["storage"]
+    storage = cluster.storage(name)
+    wanted = [params["content"]] if "content" in params else CONTENT_TYPES
+    if "images" not in wanted or "images" not in split_list(storage.content):
+        return []  # only disk images are simulated
+    see_all = call.allowed(f"/storage/{name}", ["Datastore.Allocate"])
+    audit = call.allowed(f"/storage/{name}", ["Datastore.Audit"])
+    return [
+        volume | {"content": "images"}
+        for volume in sorted(cluster.volumes(name, node), key=lambda volume: volume["volid"].lower())
+        if params.get("vmid", volume["vmid"]) == volume["vmid"] and (see_all or (audit and call.allowed(f"/vms/{volume['vmid']}", ["VM.Config.Disk"])))
+    ]
 
 
 @endpoint("GET", "/nodes/{node}/status")
@@ -350,7 +404,7 @@ async def node_status(call: Call) -> dict:
     node = cluster.node(call.params["node"])
     used = cluster.node_memory_used(node.name) + 2 * 1024**3
     return {
-        "cpu": node_resource(cluster, node.name)["cpu"],
+        "cpu": node_stats(cluster, node.name, audit=True)["cpu"],
         "cpuinfo": {"cores": node.maxcpu // 2 or 1, "cpus": node.maxcpu, "model": "pvesim virtual CPU", "sockets": 2 if node.maxcpu > 1 else 1},
         "memory": {"total": node.maxmem, "used": used, "free": max(0, node.maxmem - used), "available": max(0, node.maxmem - used)},
         "rootfs": {"total": 100 * 1024**3, "used": 12 * 1024**3, "free": 88 * 1024**3, "avail": 88 * 1024**3},
@@ -447,15 +501,20 @@ async def qemu_index(call: Call) -> list:
 async def get_config(call: Call) -> dict:
     vm = call.vm()
     snapname = call.params.get("snapshot")
-    if snapname is not None:
-        if snapname not in vm.snapshots:
-            raise ApiError(f"snapshot '{snapname}' does not exist")
-        config = dict(vm.snapshots[snapname]["config"])
-        config.pop("parent", None)
-    else:
-        config = dict(vm.config)
+    if snapname is not None and call.params.get("current"):
+        message = "cannot use 'snapshot' parameter with 'current'"
+        raise ParameterErrors({"snapshot": message, "current": message})
+    config = dict(_snapshot(vm, snapname) if snapname is not None else vm.config)
     config["digest"] = vm.digest()
+    if config.get("cipassword"):
+        config["cipassword"] = "**********"
     return config
+
+
+def _snapshot(vm: VM, snapname: str) -> dict:
+    if snapname not in vm.snapshots:
+        raise ApiError(f"snapshot '{snapname}' does not exist")
+    return vm.snapshots[snapname]
 
 
 # Which privilege Proxmox demands for changing (or deleting) each option; the rest need VM.Config.HWType.
@@ -507,7 +566,7 @@ def _apply_config(call: Call, vm: VM) -> None:
         if re.fullmatch(r"net\d+", key):
             value = with_mac(value)
         elif key == "tags":
-            value = ";".join(dict.fromkeys(split_list(value)))
+            value = unique_tags(value)
         vm.config[key] = int(value) if isinstance(value, bool) else value
     call.cluster.mark_dirty()
 
@@ -556,7 +615,7 @@ async def create_vm(call: Call) -> str:
         elif re.fullmatch(r"net\d+", key):
             value = with_mac(value)
         config[key] = int(value) if isinstance(value, bool) else value
-    vm = VM(vmid, node, config, pool=pool)
+    vm = VM(vmid, node, config, pool=pool, ctime=int(cluster.clock.time()))
     vm.config["lock"] = "create"
     cluster.vms[vmid] = vm
     start_after = params.get("start", False)
@@ -620,7 +679,7 @@ async def status_current(call: Call) -> dict:
     if vm.agent_enabled:
         status["agent"] = 1
     if vm.status == "running":
-        status |= {"running-qemu": QEMU_VERSION, "running-machine": "pc-i440fx-10.1+pve0"}
+        status |= {"running-qemu": QEMU_VERSION, "running-machine": RUNNING_MACHINE}
     return status
 
 
@@ -656,9 +715,15 @@ async def reboot(call: Call) -> str:
 
 @endpoint("GET", "/nodes/{node}/qemu/{vmid}/snapshot")
 async def snapshots(call: Call) -> list:
+    """qemu-server's `snapshot_list`: every snapshot, then `current` (the VM as it is now)."""
     vm = call.vm()
-    entries = [{key: value for key, value in snapshot.items() if key != "config"} for snapshot in vm.snapshots.values()]
-    current = {"name": "current", "description": "You are here!"}
+    entries = []
+    for name, snapshot in vm.snapshots.items():
+        entry = {"name": name, "snaptime": snapshot.get("snaptime", 0), "vmstate": _flag(snapshot.get("vmstate"))}
+        entry["description"] = snapshot.get("description", "")
+        entry |= {key: snapshot[key] for key in ("parent", "snapstate") if snapshot.get(key)}
+        entries.append(entry)
+    current = {"name": "current", "digest": vm.digest(), "running": _flag(vm.status == "running"), "description": "You are here!"}
     if vm.config.get("parent"):
         current["parent"] = vm.config["parent"]
     return [*entries, current]
@@ -667,7 +732,47 @@ async def snapshots(call: Call) -> list:
 @endpoint("POST", "/nodes/{node}/qemu/{vmid}/snapshot")
 async def create_snapshot(call: Call) -> str:
     params = call.params
-    return call.cluster.snapshot(call.vm(), call.user, params["snapname"], params.get("description", ""), params.get("vmstate", False)).upid
+    snapname = params["snapname"]
+    if snapname == "current" or snapname.lower() == "pending":
+        raise ApiError(f"unable to use snapshot name '{snapname.lower()}' (reserved name)")
+    return call.cluster.snapshot(call.vm(), call.user, snapname, params.get("description", ""), params.get("vmstate", False)).upid
+
+
+@endpoint("GET", "/nodes/{node}/qemu/{vmid}/snapshot/{snapname}")
+async def snapshot_index(call: Call) -> list:
+    return [{"cmd": "rollback"}, {"cmd": "config"}]
+
+
+@endpoint("GET", "/nodes/{node}/qemu/{vmid}/snapshot/{snapname}/config")
+async def snapshot_config(call: Call) -> dict:
+    return dict(_snapshot(call.vm(), call.params["snapname"]))
+
+
+@endpoint("PUT", "/nodes/{node}/qemu/{vmid}/snapshot/{snapname}/config")
+async def update_snapshot_config(call: Call) -> None:
+    vm = call.vm()
+    if "description" not in call.params:
+        return
+    if vm.lock:
+        raise ApiError(locked_message(vm))
+    _snapshot(vm, call.params["snapname"])["description"] = call.params["description"]
+    call.cluster.mark_dirty()
+
+
+@endpoint("DELETE", "/nodes/{node}/qemu/{vmid}/snapshot/{snapname}")
+async def delete_snapshot(call: Call) -> str:
+    # `force` only skips waiting for replication jobs, which are not simulated.
+    return call.cluster.delete_snapshot(call.vm(), call.user, call.params["snapname"]).upid
+
+
+@endpoint("POST", "/nodes/{node}/qemu/{vmid}/snapshot/{snapname}/rollback")
+async def rollback(call: Call) -> str:
+    vm = call.vm()
+    start = call.params.get("start", False)
+    if start:
+        # qemu-server starts the VM from within the rollback task, so it checks the start privilege up front.
+        call.access.require(call.principal, f"/vms/{vm.vmid}", ["VM.PowerMgmt"])
+    return call.cluster.rollback(vm, call.user, call.params["snapname"], start).upid
 
 
 # --- guest agent ------------------------------------------------------------------------------------

@@ -77,7 +77,9 @@ DEFAULT_CONFIG: dict = {
     # Proxmox's `pveum acl modify PATH --roles R --users U --tokens T --propagate 0|1`, one entry per line.
     "acl": [
         {"path": "/", "roles": ["PVEAuditor"], "users": ["automation@pve"], "tokens": ["automation@pve!mlfleet"]},
-        {"path": "/pool/mlfleet", "roles": ["PVEVMAdmin"], "users": ["automation@pve"], "tokens": ["automation@pve!mlfleet"]},
+        # An ACL on a path replaces what the token inherits from `/`: without PVEPoolUser (Pool.Audit) here,
+        # Proxmox hides the pool from its lists and the `pool` of its VMs in /cluster/resources.
+        {"path": "/pool/mlfleet", "roles": ["PVEVMAdmin", "PVEPoolUser"], "users": ["automation@pve"], "tokens": ["automation@pve!mlfleet"]},
         {"path": "/vms/9000", "roles": ["PVETemplateUser"], "users": ["automation@pve"], "tokens": ["automation@pve!mlfleet"]},
         {"path": "/storage", "roles": ["PVEDatastoreUser"], "users": ["automation@pve"], "tokens": ["automation@pve!mlfleet"]},
         {"path": "/sdn", "roles": ["PVESDNUser"], "users": ["automation@pve"], "tokens": ["automation@pve!mlfleet"]},

@@ -46,6 +46,16 @@ def split_list(value: str) -> list[str]:
     return [item for item in _LIST_SEPARATORS.split(value) if item]
 
 
+def unique_tags(value: str) -> str:
+    """Tags as Proxmox stores them (pve-guest-common `get_unique_tags` with datacenter.cfg's default tag-style):
+    sorted without regard to case, lower-cased, each once, joined with `;`."""
+    tags: list[str] = []
+    for tag in sorted(split_list(value), key=str.lower):
+        if tag.lower() not in tags:
+            tags.append(tag.lower())
+    return ";".join(tags)
+
+
 def _vmid(value: str) -> None:
     if not re.fullmatch(r"[1-9]\d{2,8}", value):
         raise FormatError("value does not look like a valid VM ID")

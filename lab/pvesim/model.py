@@ -21,6 +21,12 @@ from .tasks import Clock, Task, TaskRunner
 
 FIRST_VMID = 100
 DEFAULT_MEMORY_MIB = 512  # Proxmox's `memory` default
+RUNNING_MACHINE = "pc-i440fx-10.1+pve0"
+RUNNING_CPU = "x86-64-v2-AES,+kvm_pv_eoi,+kvm_pv_unhalt"
+# What a snapshot keeps of the config, as pve-guest-common's AbstractConfig::__snapshot_copy_config copies it:
+# everything but these keys and the unused disks.
+_NOT_SNAPSHOTTED = {"snapshots", "snapstate", "snaptime", "vmstate", "lock", "digest", "description"}
+_UNUSED_DISK = re.compile(r"^unused\d+$")
 _DISK_KEY = re.compile(r"^(scsi|virtio|sata|ide|efidisk|tpmstate|unused)\d+$")
 _DISK_SUFFIX = re.compile(r"disk-\d+$")
 _VOLUME = re.compile(r"^(?P<storage>[^:]+):(?P<volume>[^,]+)(?P<options>.*)$")
@@ -53,7 +59,10 @@ class VM:
     started_at: float | None = None
     agent_ready_at: float | None = None
     pool: str | None = None
+    # Snapshot sections as qemu-server stores them: the snapshotted config keys plus snaptime, description,
+    # parent, vmstate (the RAM state volume), runningmachine/runningcpu, and snapstate while one is in progress.
     snapshots: dict[str, dict] = field(default_factory=dict)
+    ctime: int = 0  # when its disks were made (the storage content listing's `ctime`)
 
     @property
     def is_template(self) -> bool:
@@ -69,8 +78,7 @@ class VM:
 
     @property
     def memory_bytes(self) -> int:
-        memory = parse_property_string(str(self.config.get("memory", DEFAULT_MEMORY_MIB)), MEMORY)
-        return int(memory.get("current", DEFAULT_MEMORY_MIB)) * 1024 * 1024
+        return _memory_bytes(self.config)
 
     @property
     def cpus(self) -> int:
@@ -96,7 +104,15 @@ class VM:
         return hashlib.sha1(text.encode(), usedforsecurity=False).hexdigest()
 
     def to_state(self) -> dict:
-        return {"vmid": self.vmid, "node": self.node, "config": self.config, "status": self.status, "pool": self.pool, "snapshots": self.snapshots}
+        return {
+            "vmid": self.vmid,
+            "node": self.node,
+            "config": self.config,
+            "status": self.status,
+            "pool": self.pool,
+            "snapshots": self.snapshots,
+            "ctime": self.ctime,
+        }
 
 
 @dataclass
@@ -144,8 +160,17 @@ class Faults:
         return spec
 
 
+def _memory_bytes(config: dict) -> int:
+    memory = parse_property_string(str(config.get("memory", DEFAULT_MEMORY_MIB)), MEMORY)
+    return int(memory.get("current", DEFAULT_MEMORY_MIB)) * 1024 * 1024
+
+
 def locked_message(vm: VM) -> str:
     return f"VM {vm.vmid} is locked ({vm.lock})"
+
+
+def _copy_snapshotted(source: dict, dest: dict) -> None:
+    dest.update({key: value for key, value in source.items() if key not in _NOT_SNAPSHOTTED and not _UNUSED_DISK.match(key)})
 
 
 def new_mac() -> str:
@@ -193,7 +218,7 @@ class Cluster:
 
     def _add_configured_vm(self, spec: dict) -> None:
         vmid = int(spec["vmid"])
-        vm = VM(vmid, spec["node"], dict(spec.get("config", {})), pool=spec.get("pool"))
+        vm = VM(vmid, spec["node"], dict(spec.get("config", {})), pool=spec.get("pool"), ctime=int(self.clock.time()))
         storage = spec.get("storage", "local-lvm")
         prefix = "base" if spec.get("template") else "vm"
         vm.config.setdefault("scsi0", f"{storage}:{prefix}-{vmid}-disk-0,size={int(spec.get('disk_gib', 8))}G")
@@ -236,6 +261,7 @@ class Cluster:
         for entry in state.get("vms", []):
             vm = VM(int(entry["vmid"]), entry["node"], dict(entry["config"]), entry.get("status", "stopped"), pool=entry.get("pool"))
             vm.snapshots = dict(entry.get("snapshots", {}))
+            vm.ctime = int(entry.get("ctime", now))
             if vm.status == "running":
                 vm.started_at = vm.agent_ready_at = now
             self._check_placement(vm)
@@ -283,6 +309,28 @@ class Cluster:
 
     def storage_used(self, name: str) -> int:
         return sum(size for vm in self.vms.values() for storage, _volume, size in vm.disks().values() if storage == name)
+
+    def volumes(self, storage: str, node: str) -> list[dict]:
+        """The disk images on `storage` as `node` lists them (a local storage holds only that node's VMs' volumes).
+
+        Entries carry what pve-storage's LVM-thin plugin lists (volid, format, size, vmid, ctime), for every storage
+        type: a linked clone's volume is named without its base, RAM states of snapshots are images too.
+        """
+        shared = self.storages[storage].shared
+        found = []
+        for vm in self.vms.values():
+            if not shared and vm.node != node:
+                continue
+            for disk_storage, volume, size in vm.disks().values():
+                if disk_storage == storage:
+                    found.append({"volid": f"{storage}:{volume.rsplit('/', 1)[-1]}", "format": "raw", "size": size, "vmid": vm.vmid, "ctime": vm.ctime})
+            for snapshot in vm.snapshots.values():
+                state = str(snapshot.get("vmstate", ""))
+                if state.startswith(f"{storage}:"):
+                    # qemu-server's __snapshot_save_vmstate sizes it at twice the memory plus 500 MiB of device state.
+                    size = _memory_bytes(snapshot) * 2 + 500 * 1024 * 1024
+                    found.append({"volid": state, "format": "raw", "size": size, "vmid": vm.vmid, "ctime": int(snapshot.get("snaptime", 0))})
+        return found
 
     def node_memory_used(self, name: str) -> int:
         return sum(vm.memory_bytes for vm in self.vms.values() if vm.node == name and vm.status == "running")
@@ -350,7 +398,7 @@ class Cluster:
                 await self.clock.sleep(self.durations["clone_setup"])
                 if newid in self.vms:
                     raise TaskFailed(f"unable to create VM {newid} - VM {newid} already exists")
-                clone = VM(newid, target_node, self._cloned_config(source, newid, full, storage, name, description))
+                clone = VM(newid, target_node, self._cloned_config(source, newid, full, storage, name, description), ctime=int(self.clock.time()))
                 clone.config["lock"] = "clone"
                 self.vms[newid] = clone
                 self.mark_dirty()
@@ -437,16 +485,19 @@ class Cluster:
         async def work(task: Task) -> None:
             if vm.status == "running":
                 raise TaskFailed(f"VM {vm.vmid} already running")
-            node = self.nodes[vm.node]
-            if self.node_memory_used(vm.node) + vm.memory_bytes > node.maxmem:
-                raise TaskFailed(f"start failed: not enough free memory on node '{vm.node}' for VM {vm.vmid}")
-            await self.clock.sleep(self.durations["start"])
-            await self._backend(self.backend.start, vm)
-            vm.status, vm.started_at = "running", self.clock.time()
-            vm.agent_ready_at = vm.started_at + self.durations["boot_to_agent"] if vm.agent_enabled else None
-            self.mark_dirty()
+            await self._power_on(vm, self.durations["boot_to_agent"])
 
         return self.runner.spawn(vm.node, "qmstart", vm.vmid, user, work)
+
+    async def _power_on(self, vm: VM, agent_delay: float) -> None:
+        """Start a VM's guest; its agent answers `agent_delay` seconds later (at once when resumed from a RAM state)."""
+        if self.node_memory_used(vm.node) + vm.memory_bytes > self.nodes[vm.node].maxmem:
+            raise TaskFailed(f"start failed: not enough free memory on node '{vm.node}' for VM {vm.vmid}")
+        await self.clock.sleep(self.durations["start"])
+        await self._backend(self.backend.start, vm)
+        vm.status, vm.started_at = "running", self.clock.time()
+        vm.agent_ready_at = vm.started_at + agent_delay if vm.agent_enabled else None
+        self.mark_dirty()
 
     def stop(self, vm: VM, user: str) -> Task:
         async def work(task: Task) -> None:
@@ -521,10 +572,12 @@ class Cluster:
     def make_template(self, vm: VM, user: str) -> Task:
         if vm.lock:
             raise ApiError(locked_message(vm))
-        if vm.status == "running":
-            raise ApiError("you can't convert a VM to template if VM is running")
+        if vm.snapshots:
+            raise ApiError("unable to create template, because VM contains snapshots")
         if vm.is_template:
             raise ApiError("you can't convert a template to a template")
+        if vm.status == "running":
+            raise ApiError("you can't convert a VM to template if VM is running")
 
         async def work(task: Task) -> None:
             await self.clock.sleep(self.durations["template"])
@@ -536,28 +589,101 @@ class Cluster:
 
         return self.runner.spawn(vm.node, "qmtemplate", vm.vmid, user, work)
 
-    def snapshot(self, vm: VM, user: str, snapname: str, description: str, vmstate: bool) -> Task:
-        if vm.lock:
-            raise ApiError(locked_message(vm))
-        if snapname in vm.snapshots or snapname == "current":
-            raise ApiError(f"snapshot name '{snapname}' already used")
-        vm.config["lock"] = "snapshot"
+    # --- snapshots (pve-guest-common's AbstractConfig: snapshot_create, snapshot_delete, snapshot_rollback) -------
+    # Proxmox checks these in the task: the API call answers with a UPID and the task fails with the error.
 
+    def snapshot(self, vm: VM, user: str, snapname: str, description: str, vmstate: bool) -> Task:
         async def work(task: Task) -> None:
-            try:
-                await self.clock.sleep(self.durations["snapshot"])
-                entry = {"name": snapname, "description": description, "snaptime": int(self.clock.time())}
-                if vm.config.get("parent"):
-                    entry["parent"] = vm.config["parent"]
-                if vmstate and vm.status == "running":
-                    entry["vmstate"] = 1
-                vm.snapshots[snapname] = {**entry, "config": dict(vm.config)}
-                vm.config["parent"] = snapname
-            finally:
-                vm.config.pop("lock", None)
-                self.mark_dirty()
+            if vm.is_template:
+                raise TaskFailed("you can't take a snapshot if it's a template")
+            if vm.lock:
+                raise TaskFailed(locked_message(vm))
+            if snapname in vm.snapshots:
+                raise TaskFailed(f"snapshot name '{snapname}' already used")
+            vm.config["lock"] = "snapshot"
+            snapshot: dict[str, Any] = {}
+            if vmstate and vm.status == "running":
+                state = f"{self._vmstate_storage(vm)}:vm-{vm.vmid}-state-{snapname}"
+                snapshot |= {"vmstate": state, "runningmachine": RUNNING_MACHINE, "runningcpu": RUNNING_CPU}
+            _copy_snapshotted(vm.config, snapshot)
+            snapshot |= {"snapstate": "prepare", "snaptime": int(self.clock.time())}
+            if description:
+                snapshot["description"] = description
+            vm.snapshots[snapname] = snapshot
+            self.mark_dirty()
+            await self.clock.sleep(self.durations["snapshot"])
+            del snapshot["snapstate"]
+            vm.config.pop("lock", None)
+            vm.config["parent"] = snapname
+            self.mark_dirty()
 
         return self.runner.spawn(vm.node, "qmsnapshot", vm.vmid, user, work)
+
+    def _vmstate_storage(self, vm: VM) -> str:
+        """Where a RAM state goes: qemu-server's find_vmstate_storage (vmstatestorage, a shared disk's, a local disk's)."""
+        used = sorted({storage for storage, _volume, _size in vm.disks().values()}, key=lambda name: not self.storages[name].shared)
+        return str(vm.config.get("vmstatestorage") or (used[0] if used else "local"))
+
+    def delete_snapshot(self, vm: VM, user: str, snapname: str) -> Task:
+        async def work(task: Task) -> None:
+            snapshot = vm.snapshots.get(snapname)
+            if snapshot is None:
+                raise TaskFailed(f"snapshot '{snapname}' does not exist")
+            if vm.lock:
+                raise TaskFailed(locked_message(vm))
+            vm.config["lock"] = "snapshot-delete"
+            self.mark_dirty()
+            if vm.is_template:
+                raise TaskFailed("you can't delete a snapshot if vm is a template")  # the lock stays, as in Proxmox
+            snapshot["snapstate"] = "delete"
+            await self.clock.sleep(self.durations["snapshot"])
+            for holder in [vm.config, *vm.snapshots.values()]:
+                if holder.get("parent") == snapname:
+                    if snapshot.get("parent"):
+                        holder["parent"] = snapshot["parent"]
+                    else:
+                        del holder["parent"]
+            del vm.snapshots[snapname]
+            vm.config.pop("lock", None)
+            self.mark_dirty()
+
+        return self.runner.spawn(vm.node, "qmdelsnapshot", vm.vmid, user, work)
+
+    def rollback(self, vm: VM, user: str, snapname: str, start: bool) -> Task:
+        """Stop the VM (qemu-server's __snapshot_rollback_vm_stop: no guest shutdown), put back the snapshot's config,
+        resume from its RAM state if it has one, else start only when asked to."""
+
+        async def work(task: Task) -> None:
+            if vm.is_template:
+                raise TaskFailed("you can't rollback if vm is a template")
+            snapshot = vm.snapshots.get(snapname)
+            if snapshot is None:
+                raise TaskFailed(f"snapshot '{snapname}' does not exist")
+            if snapshot.get("snapstate"):
+                raise TaskFailed(f"unable to rollback to incomplete snapshot (snapstate = {snapshot['snapstate']})")
+            if vm.lock:
+                raise TaskFailed(locked_message(vm))
+            if vm.status == "running":
+                await self._power_off(vm)
+            vm.config["lock"] = "rollback"
+            self.mark_dirty()
+            await self.clock.sleep(self.durations["snapshot"])
+            config = {key: value for key, value in vm.config.items() if key == "description" or _UNUSED_DISK.match(key)}
+            _copy_snapshotted(snapshot, config)
+            for key in ("runningmachine", "runningcpu", "running-nets-host-mtu"):
+                config.pop(key, None)
+            if config.get("vmgenid"):
+                config["vmgenid"] = _uuid()  # a new generation, as Proxmox tells the guest after a rollback
+            config["parent"] = snapname
+            vm.config.clear()
+            vm.config.update(config)
+            self.mark_dirty()
+            if snapshot.get("vmstate"):
+                await self._power_on(vm, agent_delay=0)
+            elif start:
+                await self._power_on(vm, self.durations["boot_to_agent"])
+
+        return self.runner.spawn(vm.node, "qmrollback", vm.vmid, user, work)
 
 
 def _uuid() -> str:

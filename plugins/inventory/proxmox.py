@@ -46,8 +46,10 @@ description:
 notes:
   - A cache read leaves the cache entry as it is, so O(cache_timeout) counts from the last real read of the API.
     A cache entry written with other O(filters), for another API endpoint or another O(api_user) is not used.
-  - "Privileges: C(VM.Audit) on the VMs to list (C(PVEAuditor) on C(/) suffices) and C(VM.GuestAgent.Audit)
-    (Proxmox VE 9; C(VM.Monitor) before) for the agent calls."
+  - "Privileges: C(VM.Audit) on the VMs to list (C(PVEAuditor) on C(/) suffices), C(VM.GuestAgent.Audit)
+    (Proxmox VE 9; C(VM.Monitor) before) for the agent calls, and C(Pool.Audit) on a pool for its VMs to carry
+    C(proxmox_pool) and join its group. An ACL on C(/pool/<pool>) replaces what C(PVEAuditor) on C(/) gives there, so
+    give C(PVEPoolUser) beside C(PVEVMAdmin) on the pool."
 extends_documentation_fragment:
   - ansible.builtin.constructed
   - ansible.builtin.inventory_cache

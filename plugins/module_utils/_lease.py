@@ -55,24 +55,20 @@ def new_holder(run=None):
     return f"{socket.gethostname()}:{run['pid'] if run else os.getpid()}:{secrets.token_hex(8)}"
 
 
-def process_start(pid):
-    """The start time of process ``pid`` in clock ticks since boot (``/proc/<pid>/stat`` field 22), or None when it is gone."""
+def process_stat(pid, field):
+    """Field ``field`` (numbered as in proc(5), from 3) of ``/proc/<pid>/stat`` as a number, or None when the process is gone."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as handle:
             stat = handle.read().decode("utf-8", "replace")
         # The command name (field 2) may hold spaces and parentheses; the fields after its last ')' are plain.
-        return int(stat[stat.rindex(")") + 2 :].split()[19])
+        return int(stat[stat.rindex(")") + 2 :].split()[field - 3])
     except (OSError, ValueError, IndexError):
         return None
 
 
-def parent_pid(pid):
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as handle:
-            stat = handle.read().decode("utf-8", "replace")
-        return int(stat[stat.rindex(")") + 2 :].split()[1])
-    except (OSError, ValueError, IndexError):
-        return None
+def process_start(pid):
+    """The start time of process ``pid`` in clock ticks since boot, or None when it is gone."""
+    return process_stat(pid, 22)
 
 
 def is_playbook_process(pid):
@@ -96,7 +92,7 @@ def current_run(pid=None):
     while pid and pid > 1:
         if is_playbook_process(pid):
             run_pid = pid
-        pid = parent_pid(pid)
+        pid = process_stat(pid, 4)
     started = process_start(run_pid) if run_pid else None
     return {"host": socket.gethostname(), "pid": run_pid, "started": started} if started is not None else None
 

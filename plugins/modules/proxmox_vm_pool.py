@@ -239,9 +239,12 @@ notes:
     C(/pool/<pool>) (set O(pool) to use a pool ACL); C(Datastore.AllocateSpace) on the storage the clones
     write to; C(VM.Config.CPU), C(VM.Config.Memory), C(VM.Config.Cloudinit) and C(VM.Config.Options) (tags, name)
     on the new VMs; C(VM.PowerMgmt) to start, shut down and stop; C(VM.GuestAgent.Audit) (or
-    C(VM.GuestAgent.Unrestricted)) for the guest agent's addresses; C(VM.Allocate) on the members to destroy them.
-  - The roles C(PVEVMAdmin) on C(/pool/<pool>), C(PVETemplateUser) on the template, C(PVEDatastoreUser) on
-    C(/storage) and C(PVEAuditor) on C(/) cover these.
+    C(VM.GuestAgent.Unrestricted)) for the guest agent's addresses; C(VM.Allocate) on the members to destroy them;
+    with O(pool), C(Pool.Audit) on C(/pool/<pool>), without which Proxmox hides the VMs' pool and the module finds no
+    members.
+  - The roles C(PVEVMAdmin) and C(PVEPoolUser) on C(/pool/<pool>), C(PVETemplateUser) on the template,
+    C(PVEDatastoreUser) on C(/storage) and C(PVEAuditor) on C(/) cover these. An ACL on C(/pool/<pool>) replaces what
+    C(PVEAuditor) on C(/) gives there, hence C(PVEPoolUser) for C(Pool.Audit).
   - When a clone fails Proxmox removes the half-made VM, so it never carries the pool tag. When a later step
     fails the VM keeps the tag, and the next run configures, starts and waits for it.
 seealso:

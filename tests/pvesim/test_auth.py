@@ -184,10 +184,30 @@ def test_clone_needs_space_on_the_target_storage(make_sim):
 
 def test_lists_show_only_what_the_caller_may_audit(sim: Sim):
     sim.clone(106)
-    assert as_user(sim, "nobody@pve", "GET", "/cluster/resources").json()["data"] == []
+    # As pve-manager: every caller sees the nodes, their usage and capacity only with Sys.Audit.
+    blind = as_user(sim, "nobody@pve", "GET", "/cluster/resources").json()["data"]
+    assert blind == [
+        {"id": f"node/{node}", "node": node, "type": "node", "status": "online", "level": "", "cgroup-mode": 2} for node in ("pve1", "pve2", "pve3")
+    ]
+    nodes = as_user(sim, "nobody@pve", "GET", "/nodes").json()["data"]
+    assert [set(entry) for entry in nodes] == [{"id", "node", "type", "status", "level", "ssl_fingerprint"}] * 3
     assert as_user(sim, "nobody@pve", "GET", "/nodes/pve1/qemu").json()["data"] == []
     seen = {entry["id"] for entry in as_user(sim, "auditor@pve", "GET", "/cluster/resources").json()["data"]}
     assert {"qemu/106", "qemu/9000", "node/pve1", "storage/pve1/local-lvm", "/pool/mlfleet"} <= seen
+    audited = as_user(sim, "auditor@pve", "GET", "/nodes").json()["data"][0]
+    assert {"maxcpu", "maxmem", "maxdisk", "mem", "cpu", "uptime", "disk"} <= set(audited)
+
+
+def test_storage_content_lists_volumes_the_caller_may_see(sim: Sim):
+    sim.clone(107, pool="mlfleet")
+    content = "/nodes/pve1/storage/slow-nfs/content"
+    everything = {entry["volid"] for entry in sim.data("GET", content)}
+    assert everything == {"slow-nfs:base-9000-disk-0", "slow-nfs:vm-107-disk-0"}
+    # Without Datastore.Allocate a volume needs Datastore.Audit on the storage and VM.Config.Disk on its VM:
+    # PVETemplateUser on the template does not show its disk.
+    seen = [entry["volid"] for entry in as_user(sim, "automation@pve", "GET", content).json()["data"]]
+    assert seen == ["slow-nfs:vm-107-disk-0"]
+    assert denied(as_user(sim, "nobody@pve", "GET", content)) == "Permission check failed (/storage/slow-nfs, Datastore.Audit|Datastore.AllocateSpace)"
 
 
 def test_task_of_another_user_needs_sys_audit_on_the_node(sim: Sim):

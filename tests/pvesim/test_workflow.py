@@ -122,3 +122,20 @@ def test_shutdown_with_short_timeout_fails_unless_forced(make_sim):
     forced = sim.wait_task(sim.data("POST", "/nodes/pve1/qemu/400/status/shutdown", data={"timeout": 0, "forceStop": 1}))
     assert forced["exitstatus"] == "OK"
     assert sim.data("GET", "/nodes/pve1/qemu/400/status/current")["status"] == "stopped"
+
+
+@pytest.mark.parametrize(
+    "written, stored",
+    [
+        ("mlfleet;worker", "mlfleet;worker"),
+        ("Worker;MLfleet;worker", "mlfleet;worker"),  # lower-cased, each once
+        ("swarm_worker,lab gpu", "gpu;lab;swarm_worker"),  # any separator; sorted
+    ],
+)
+def test_tags_are_stored_as_proxmox_stores_them(sim: Sim, written: str, stored: str):
+    """pve-guest-common's get_unique_tags with datacenter.cfg's default tag-style, which qemu-server applies to every write."""
+    assert sim.clone(150)["exitstatus"] == "OK"
+    sim.data("PUT", "/nodes/pve1/qemu/150/config", data={"tags": written})
+    assert sim.data("GET", "/nodes/pve1/qemu/150/config")["tags"] == stored
+    (resource,) = [entry for entry in sim.data("GET", "/cluster/resources", params={"type": "vm"}) if entry["vmid"] == 150]
+    assert resource["tags"] == stored

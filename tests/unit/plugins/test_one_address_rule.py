@@ -168,7 +168,7 @@ def test_the_module_waits_for_the_nic_and_says_what_the_agent_reports():
 def sim(tmp_path):
     config = copy.deepcopy(DEFAULT_CONFIG)
     config["durations"].update({"clone_setup": 0.0, "clone_linked": 0.02, "clone_full": 0.02, "config": 0.0, "start": 0.01, "boot_to_agent": 0.05})
-    template = next(vm for vm in config["vms"] if vm["vmid"] == 9000)
+    (template,) = [vm for vm in config["vms"] if vm["vmid"] == 9000]
     # A template with a second NIC, the one the workers are to be reached on.
     template["config"]["net1"] = "virtio=BC:24:11:00:90:01,bridge=vmbr0"
     simulator = Simulator(config, tmp_path / "sim")
