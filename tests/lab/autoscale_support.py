@@ -124,7 +124,8 @@ class Webhook:
     def __init__(self, url, token, secret, ca_file):
         self.url, self.token, self.secret, self.ca_file = url, token, secret, ca_file
 
-    def post(self, notification: dict | bytes, token=None, secret=None, timestamp=None, headers=None):
+    def post(self, notification: dict | bytes, token=None, secret=None, timestamp=None, headers=None, method="POST"):
+        """Send as Grafana does; ``method`` is its contact point's httpMethod (POST or PUT)."""
         body = notification if isinstance(notification, bytes) else json.dumps(notification).encode()
         stamp = str(int(time.time()) if timestamp is None else timestamp)
         signature = hmac.new((secret or self.secret).encode(), f"{stamp}:".encode() + body, hashlib.sha256).hexdigest()
@@ -135,12 +136,16 @@ class Webhook:
             "X-Mlfleet-Timestamp": stamp,
             **(headers or {}),
         }
-        return requests.post(self.url, data=body, headers={k: v for k, v in sent.items() if v is not None}, verify=self.ca_file, timeout=10)
+        return requests.request(method, self.url, data=body, headers={k: v for k, v in sent.items() if v is not None}, verify=self.ca_file, timeout=10)
+
+
+# A notification as Grafana (9.x and later) sends it: the project's fixture (tests/fixtures/grafana/README.md).
+GRAFANA_SAMPLE = REPO_ROOT / "tests" / "fixtures" / "grafana" / "webhook-firing-sample.json"
 
 
 def grafana_notification(service: str, action: str, starts_at: str, status: str = "firing", cluster: str = "lab") -> dict:
-    """A notification with one alert, shaped like /work/shared/grafana/webhook-firing-sample.json (Grafana 9+)."""
-    sample = json.loads((REPO_ROOT.parent / "shared" / "grafana" / "webhook-firing-sample.json").read_text())
+    """A notification with one alert, shaped like GRAFANA_SAMPLE."""
+    sample = json.loads(GRAFANA_SAMPLE.read_text(encoding="utf-8"))
     alert = dict(sample["alerts"][0])
     alert |= {
         "status": status,

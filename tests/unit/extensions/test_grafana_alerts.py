@@ -24,10 +24,12 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+import yaml
 from event_source_support import load_event_source
 
 REPO = Path(__file__).resolve().parents[3]
-SAMPLE_FILE = REPO.parent / "shared" / "grafana" / "webhook-firing-sample.json"
+# The project's own copy of a notification as Grafana sends it (tests/fixtures/grafana/README.md).
+SAMPLE_FILE = REPO / "tests" / "fixtures" / "grafana" / "webhook-firing-sample.json"
 
 
 # An event source is loaded by file (ansible-rulebook uses runpy), not imported from the collection.
@@ -40,40 +42,7 @@ TIMESTAMP_HEADER = "X-Mlfleet-Timestamp"
 EVENT_KEYS = {"action", "status", "service", "cluster", "alertname", "labels", "values", "fingerprint", "startsAt", "source", "received_at"}
 REJECTION_LOGGER = "mlfleet.serving.grafana_alerts"
 
-
-def _sample() -> dict:
-    if SAMPLE_FILE.is_file():
-        return json.loads(SAMPLE_FILE.read_text(encoding="utf-8"))
-    # The shared sample is beside the checkout on a developer's machine; this is the same payload, for a lone checkout.
-    alert = {
-        "status": "firing",
-        "labels": {"alertname": "SwarmWorkersCpuHigh", "grafana_folder": "mlfleet", "action": "scale_out", "service": "torchserve", "cluster": "lab"},
-        "annotations": {"summary": "Mean worker CPU above 80% for 2m", "description": "mean CPU usage of swarm workers is 91.4%"},
-        "startsAt": "2026-11-23T10:15:00Z",
-        "endsAt": "0001-01-01T00:00:00Z",
-        "fingerprint": "5f2b7c2a9d1e4f60",
-        "values": {"B": 91.4, "C": 1},
-    }
-    second = {
-        "status": "firing",
-        "labels": {
-            "alertname": "TorchServeQueueLatencyHigh",
-            "grafana_folder": "mlfleet",
-            "action": "scale_out",
-            "service": "torchserve",
-            "model": "resnet18",
-            "cluster": "lab",
-        },
-        "annotations": {"summary": "p95 queue latency above 200 ms"},
-        "startsAt": "2026-11-23T10:15:30Z",
-        "endsAt": "0001-01-01T00:00:00Z",
-        "fingerprint": "9a8b7c6d5e4f3a21",
-        "values": {"B": 412.0, "C": 1},
-    }
-    return {"receiver": "mlfleet-autoscaler", "status": "firing", "orgId": 1, "alerts": [alert, second], "truncatedAlerts": 0, "version": "1"}
-
-
-SAMPLE = _sample()
+SAMPLE = json.loads(SAMPLE_FILE.read_text(encoding="utf-8"))
 SAMPLE_BODY = json.dumps(SAMPLE).encode()
 
 
@@ -140,12 +109,30 @@ async def wait_listening(port: int, task: asyncio.Task) -> None:
     raise AssertionError(f"nothing listens on 127.0.0.1:{port} after 5 s")
 
 
+class FakeClock:
+    """The clock main() reads, moved on by the test: unix time for signed timestamps, and a monotonic time."""
+
+    def __init__(self) -> None:
+        self.unix = float(int(time.time()))
+        self.elapsed = 1000.0
+
+    def time(self) -> float:
+        return self.unix
+
+    def monotonic(self) -> float:
+        return self.elapsed
+
+    def advance(self, seconds: float) -> None:
+        self.unix += seconds
+        self.elapsed += seconds
+
+
 @contextlib.asynccontextmanager
-async def running(scheme: str = "http", client_ssl: ssl.SSLContext | None = None, **args):
+async def running(scheme: str = "http", client_ssl: ssl.SSLContext | None = None, clock=time, **args):
     """main() as a task on an ephemeral port, with a client session; cancelled (and checked to stop) on exit."""
     args = {"host": "127.0.0.1", "port": free_port(), **args}
     queue: asyncio.Queue = asyncio.Queue()
-    task = asyncio.create_task(grafana_alerts.main(queue, args))
+    task = asyncio.create_task(grafana_alerts.main(queue, args, clock=clock))
     try:
         await wait_listening(args["port"], task)
         connector = aiohttp.TCPConnector(ssl=client_ssl) if client_ssl else None
@@ -422,19 +409,39 @@ async def test_rejection(build, status, reason, caplog):
     assert "from 127.0.0.1" in rejections[0].getMessage() and reason in rejections[0].getMessage()
 
 
+def _starting_at(starts_at: str) -> bytes:
+    return _notification_with(lambda notification: [alert.update(startsAt=starts_at) for alert in notification["alerts"]])
+
+
 @run_async
-async def test_other_methods_and_paths():
+async def test_post_and_put_are_accepted_other_methods_and_paths_refused():
+    put_body = _starting_at("2026-11-23T11:00:00Z")
     async with running(**BOTH) as source:
-        get = await source.post(b"", {}, method="GET")
-        put = await source.post(SAMPLE_BODY, grafana_headers(SAMPLE_BODY), method="PUT")
+        post = await source.post(SAMPLE_BODY, grafana_headers(SAMPLE_BODY))
+        posted = source.drain()
+        # Grafana's contact point sends with PUT when its httpMethod says so.
+        put = await source.post(put_body, grafana_headers(put_body), method="PUT")
+        put_events = source.drain()
+        refused = {method: await source.post(SAMPLE_BODY, grafana_headers(SAMPLE_BODY), method=method) for method in ("GET", "PATCH", "DELETE")}
         other_path = await source.post(SAMPLE_BODY, grafana_headers(SAMPLE_BODY), url=f"http://127.0.0.1:{source.port}/alerts/x")
-        root = await source.post(SAMPLE_BODY, grafana_headers(SAMPLE_BODY), url=f"http://127.0.0.1:{source.port}/")
+        root = await source.post(SAMPLE_BODY, grafana_headers(SAMPLE_BODY), url=f"http://127.0.0.1:{source.port}/", method="PUT")
         async with source.session.get(source.url) as response:
             allow = response.headers.get("Allow")
         assert source.queue.empty()
-    assert get == put == (405, {"reason": "method not allowed; use POST"})
-    assert allow == "POST"
+    assert post == put == (202, {"accepted": 2, "duplicates": 0})
+    assert [event["startsAt"] for event in posted] == ["2026-11-23T10:15:00Z", "2026-11-23T10:15:30Z"]
+    assert [event["startsAt"] for event in put_events] == ["2026-11-23T11:00:00Z"] * 2
+    assert refused == dict.fromkeys(("GET", "PATCH", "DELETE"), (405, {"reason": "method not allowed; use POST or PUT"}))
+    assert allow == "POST, PUT"
     assert other_path == root == (404, {"reason": "not found"})
+
+
+@run_async
+async def test_expect_100_continue_is_answered():
+    async with running(**BOTH) as source:
+        answer = await source.post(SAMPLE_BODY, grafana_headers(SAMPLE_BODY), expect100=True)
+        assert len(source.drain()) == 2
+    assert answer == (202, {"accepted": 2, "duplicates": 0})
 
 
 @run_async
@@ -509,28 +516,274 @@ async def test_a_new_starts_at_and_a_resolution_pass_the_dedupe():
     assert repeated_resolution == (202, {"accepted": 0, "duplicates": 2})
 
 
+def _grafana_sends(source: Running, clock: FakeClock, body: bytes = SAMPLE_BODY, method: str = "POST"):
+    """Send body signed at the fake clock's time, as Grafana does for every attempt."""
+    return source.post(body, grafana_headers(body, timestamp=int(clock.time())), method=method)
+
+
 @run_async
-async def test_an_alert_is_forgotten_after_dedupe_ttl():
-    async with running(**BOTH, dedupe_ttl=0.2) as source:
-        first = await source.post(SAMPLE_BODY, grafana_headers(SAMPLE_BODY))
-        repeat = await source.post(SAMPLE_BODY, grafana_headers(SAMPLE_BODY))
-        await asyncio.sleep(0.25)
-        later = await source.post(SAMPLE_BODY, grafana_headers(SAMPLE_BODY))
+async def test_fifty_copies_in_ten_seconds_make_one_event_per_alert():
+    clock = FakeClock()
+    async with running(**BOTH, clock=clock, repeat_interval="1m") as source:
+        answers = []
+        for copy in range(50):
+            answers.append(await _grafana_sends(source, clock, method=("POST", "PUT")[copy % 2]))
+            clock.advance(0.2)
         events = source.drain()
-    assert [first[1], repeat[1], later[1]] == [{"accepted": 2, "duplicates": 0}, {"accepted": 0, "duplicates": 2}, {"accepted": 2, "duplicates": 0}]
-    assert len(events) == 4
+    assert answers == [(202, {"accepted": 2, "duplicates": 0})] + [(202, {"accepted": 0, "duplicates": 2})] * 49
+    # One event per alert: the rulebook's rule for (service, action) runs once.
+    assert [(event["fingerprint"], event["startsAt"]) for event in events] == [
+        ("5f2b7c2a9d1e4f60", "2026-11-23T10:15:00Z"),
+        ("9a8b7c6d5e4f3a21", "2026-11-23T10:15:30Z"),
+    ]
 
 
-def test_dedupe_memory_is_bounded_and_expires():
-    recent = grafana_alerts.RecentKeys(ttl=10, max_keys=3)
-    assert [recent.first_sighting((str(key),), now=100.0) for key in range(5)] == [True] * 5
+@run_async
+async def test_a_firing_alert_sent_again_after_the_repeat_interval_reaches_the_queue_again():
+    clock = FakeClock()
+    async with running(**BOTH, clock=clock, repeat_interval="1m") as source:
+        first = await _grafana_sends(source, clock)
+        clock.advance(20)
+        # A group change or an HA peer within half the repeat interval: a duplicate.
+        early = await _grafana_sends(source, clock)
+        clock.advance(40)
+        repeated = await _grafana_sends(source, clock)
+        repeated_events = source.drain()[2:]
+        clock.advance(1)
+        retried = await _grafana_sends(source, clock)
+        clock.advance(59)
+        again = await _grafana_sends(source, clock)
+        assert len(source.drain()) == 2
+    assert first == repeated == again == (202, {"accepted": 2, "duplicates": 0})
+    assert early == retried == (202, {"accepted": 0, "duplicates": 2})
+    assert [(event["status"], event["fingerprint"], event["received_at"]) for event in repeated_events] == [
+        ("firing", "5f2b7c2a9d1e4f60", clock.time() - 60),
+        ("firing", "9a8b7c6d5e4f3a21", clock.time() - 60),
+    ]
+
+
+@run_async
+async def test_a_captured_request_replayed_after_the_duplicate_window_is_refused(caplog):
+    clock = FakeClock()
+    caplog.set_level(logging.DEBUG, logger=REJECTION_LOGGER)
+    async with running(**BOTH, clock=clock, repeat_interval="1m", max_clock_skew=300) as source:
+        captured = grafana_headers(SAMPLE_BODY, timestamp=int(clock.time()))
+        original = await source.post(SAMPLE_BODY, captured)
+        assert len(source.drain()) == 2
+        clock.advance(10)
+        # The same request within the duplicate window is a copy (a retry, an HA peer): nothing reaches the queue.
+        copy = await source.post(SAMPLE_BODY, captured, method="PUT")
+        replays = {}
+        for after in (31, 120, 299):
+            clock.advance(after - (clock.time() - int(captured[TIMESTAMP_HEADER])))
+            replays[after] = await source.post(SAMPLE_BODY, captured)
+        clock.advance(2)
+        outside_skew = await source.post(SAMPLE_BODY, captured)
+        assert source.queue.empty()
+        # Grafana's own sends go on: a fresh signature after the repeat interval is let through.
+        fresh = await _grafana_sends(source, clock)
+        assert len(source.drain()) == 2
+    assert original == fresh == (202, {"accepted": 2, "duplicates": 0})
+    assert copy == (202, {"accepted": 0, "duplicates": 2})
+    assert replays == dict.fromkeys((31, 120, 299), (401, {"reason": "replayed request"}))
+    assert outside_skew == (401, {"reason": "timestamp outside the allowed clock skew"})
+    assert len([record for record in caplog.records if record.getMessage().endswith("HTTP 401 replayed request")]) == 3
+
+
+@run_async
+async def test_without_a_timestamp_the_same_body_is_a_duplicate_only_within_the_window():
+    clock = FakeClock()
+    args = {**BOTH, "hmac_timestamp_header": "", "repeat_interval": "1m"}
+    async with running(**args, clock=clock) as source:
+        headers = grafana_headers(SAMPLE_BODY, with_timestamp=False)
+        first = await source.post(SAMPLE_BODY, headers)
+        clock.advance(30)
+        copy = await source.post(SAMPLE_BODY, headers)
+        clock.advance(1)
+        # Grafana's repeat carries the same body and signature; so would a replay (hmac_timestamp_header says so).
+        later = await source.post(SAMPLE_BODY, headers)
+        assert len(source.drain()) == 4
+    assert first == later == (202, {"accepted": 2, "duplicates": 0})
+    assert copy == (202, {"accepted": 0, "duplicates": 2})
+
+
+def test_duplicate_window_is_half_the_repeat_interval():
+    settings = {
+        value: grafana_alerts.parse_args({"port": 5001, "token": TOKEN, "repeat_interval": value}).duplicate_window
+        for value in ("1m", "4h", "1h30m", 90, "10s", "500ms")
+    }
+    assert settings == {"1m": 30, "4h": 7200, "1h30m": 2700, 90: 45, "10s": 5, "500ms": 0.25}
+
+
+def test_expiring_keys_are_bounded_and_expire_each_at_its_own_time(caplog):
+    recent = grafana_alerts.ExpiringKeys(max_keys=3, overflow_warning="too many")
+    assert [recent.add((str(key),), now=100.0, expires_at=110.0 + key) for key in range(5)] == [True] * 5
     assert len(recent) == 3
-    assert recent.first_sighting(("0",), now=100.0) is True  # the oldest were forgotten to keep 3
-    assert recent.first_sighting(("4",), now=100.0) is False
-    assert recent.first_sighting(("4",), now=110.0) is True  # expired after ttl
-    assert len(recent) == 1
-    off = grafana_alerts.RecentKeys(ttl=0, max_keys=3)
-    assert [off.first_sighting(("a",), now=1.0) for _repeat in range(2)] == [True, True]
+    assert [record.getMessage() for record in caplog.records] == ["too many", "too many"]
+    # The soonest to expire were forgotten to keep 3.
+    assert (recent.get(("0",), now=100.0), recent.get(("4",), now=100.0)) == (None, True)
+    assert recent.add(("4",), now=114.0, expires_at=200.0) is False
+    assert recent.get(("4",), now=114.0) is True  # kept while now is not past its expiry
+    assert recent.get(("3",), now=113.5) is None
+    assert recent.get(("4",), now=114.5) is None
+    assert len(recent) == 0
+    assert recent.add(("late",), now=120.0, expires_at=130.0, value=7.5) is True
+    assert recent.get(("late",), now=125.0) == 7.5
+    assert recent.add(("past",), now=120.0, expires_at=119.0) is True
+    assert recent.get(("past",), now=120.0) is None
+
+
+# --- slow and idle clients ---------------------------------------------------------------------------------------
+
+# Small limits keep these tests to a few seconds; the defaults (10 s, 20 s, 100) only stretch the same behaviour.
+SLOW_LIMITS = {"header_timeout": 1.0, "body_timeout": 1.0}
+CUT_MARGIN = 1.0
+
+
+class SlowClient:
+    """A connection that behaves like a slow or idle client: it sends nothing ("idle"), dribbles its request headers a
+    byte at a time ("headers"), or sends its headers and dribbles the body ("body")."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+
+    async def connect(self, port: int) -> SlowClient:
+        self.reader, self.writer = await asyncio.open_connection("127.0.0.1", port)
+        self.opened = asyncio.get_running_loop().time()
+        self.closed = asyncio.ensure_future(self.reader.read())
+        if self.kind == "headers":
+            self.writer.write(b"POST /alerts HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ")
+        elif self.kind == "body":
+            self.writer.write(f"POST /alerts HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {TOKEN}\r\nContent-Length: 4096\r\n\r\n{{".encode())
+        return self
+
+    def is_open(self) -> bool:
+        return not self.closed.done()
+
+    async def dribble(self, give_up_after: float) -> float | None:
+        """Seconds from opening until the server closed the connection; None if it was still open after give_up_after."""
+        loop = asyncio.get_running_loop()
+        try:
+            while not self.closed.done() and loop.time() - self.opened < give_up_after:
+                if self.kind != "idle" and not self.writer.is_closing():
+                    self.writer.write(b" ")
+                await asyncio.wait([self.closed], timeout=0.1)
+            if not self.closed.done():
+                return None
+            with contextlib.suppress(ConnectionError):
+                self.closed.result()
+            return loop.time() - self.opened
+        finally:
+            self.closed.cancel()
+            self.writer.transport.abort()
+
+
+async def _held_open(port: int, kind: str, give_up_after: float) -> float | None:
+    client = await SlowClient(kind).connect(port)
+    return await client.dribble(give_up_after)
+
+
+async def _timed_send(source: Running, session: aiohttp.ClientSession, starts_at: str) -> tuple[float, tuple[int, dict]]:
+    body = _starting_at(starts_at)
+    started = time.monotonic()
+    async with session.post(source.url, data=body, headers=grafana_headers(body)) as response:
+        answer = response.status, await response.json(content_type=None)
+    return time.monotonic() - started, answer
+
+
+@run_async
+async def test_three_hundred_slow_clients_are_cut_while_grafana_is_answered_at_once(caplog):
+    caplog.set_level(logging.WARNING, logger=REJECTION_LOGGER)
+    async with running(**BOTH, **SLOW_LIMITS, max_connections=50) as source:
+        clients = [SlowClient(("headers", "idle")[number % 3 == 0]) for number in range(300)]
+        for batch in range(0, 300, 50):
+            await asyncio.gather(*(client.connect(source.port) for client in clients[batch : batch + 50]))
+        slow = [asyncio.ensure_future(client.dribble(give_up_after=5)) for client in clients]
+        open_when_sends_began = sum(client.is_open() for client in clients)
+        # A new connection for every send, as Grafana opens one when it has none idle.
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True), timeout=aiohttp.ClientTimeout(total=10)) as session:
+            sends = []
+            for number in range(12):
+                sends.append(await _timed_send(source, session, f"2026-11-23T11:00:{number:02d}Z"))
+                await asyncio.sleep(0.1)
+        cut_after = await asyncio.gather(*slow)
+        events = source.drain()
+    assert open_when_sends_began >= 40, open_when_sends_began
+    assert [answer for _seconds, answer in sends] == [(202, {"accepted": 2, "duplicates": 0})] * 12
+    assert max(seconds for seconds, _answer in sends) < 2, sends
+    assert len(events) == 24
+    assert None not in cut_after, f"{cut_after.count(None)} slow clients were still connected after 5 s"
+    assert max(cut_after) < SLOW_LIMITS["header_timeout"] + CUT_MARGIN, max(cut_after)
+    messages = [record.getMessage() for record in caplog.records]
+    timed_out = sum("no complete request within header_timeout (1 s)" in message for message in messages)
+    made_room = sum("50 connections (max_connections) are open and it waited longest for a request" in message for message in messages)
+    # Each slow client was cut once, by its own time running out or to make room for a newer connection.
+    assert (timed_out + made_room, made_room >= 250, timed_out >= 50 - 12) == (300, True, True), (timed_out, made_room)
+
+
+@run_async
+async def test_a_slow_body_is_answered_408_and_its_connection_closed():
+    async with running(**BOTH, **SLOW_LIMITS) as source:
+        loop = asyncio.get_running_loop()
+        reader, writer = await asyncio.open_connection("127.0.0.1", source.port)
+        started = loop.time()
+        writer.write(f"PUT /alerts HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {TOKEN}\r\nContent-Length: 100\r\n\r\n{{".encode())
+        answer = b""
+        while loop.time() - started < 5:
+            writer.write(b" ")
+            try:
+                chunk = await asyncio.wait_for(reader.read(65536), 0.1)
+            except TimeoutError:
+                continue
+            except ConnectionError:
+                break
+            if not chunk:
+                break
+            answer += chunk
+        closed_after = loop.time() - started
+        writer.transport.abort()
+        assert source.queue.empty()
+    assert answer.startswith(b"HTTP/1.1 408 "), answer
+    assert b'{"reason": "body not received within body_timeout (1 s)"}' in answer
+    # Answered, then closed after a grace to read the answer (1 s at most), not after aiohttp's lingering 10 s.
+    assert SLOW_LIMITS["body_timeout"] <= closed_after < SLOW_LIMITS["body_timeout"] + 1 + CUT_MARGIN
+
+
+@run_async
+async def test_when_every_connection_is_busy_a_new_one_is_closed_until_one_frees(caplog):
+    caplog.set_level(logging.WARNING, logger=REJECTION_LOGGER)
+    async with running(**BOTH, header_timeout=5, body_timeout=1.5, max_connections=3) as source:
+        busy = [asyncio.ensure_future(_held_open(source.port, "body", give_up_after=8)) for _number in range(3)]
+        await asyncio.sleep(0.5)
+        refused = await _held_open(source.port, "idle", give_up_after=3)
+        freed = await asyncio.gather(*busy)
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as session:
+            seconds, answer = await _timed_send(source, session, "2026-11-23T12:00:00Z")
+        assert len(source.drain()) == 2
+    assert refused is not None and refused < 0.5, refused
+    assert all(seconds is not None and 1.5 <= seconds < 1.5 + 1 + CUT_MARGIN for seconds in freed), freed
+    assert answer == (202, {"accepted": 2, "duplicates": 0}) and seconds < 2
+    assert any(
+        "closed a new connection from 127.0.0.1:" in record.getMessage() and "all 3 connections (max_connections) are busy" in record.getMessage()
+        for record in caplog.records
+    )
+
+
+@run_async
+async def test_an_idle_keep_alive_connection_is_closed_after_header_timeout():
+    async with running(**BOTH, **SLOW_LIMITS) as source:
+        loop = asyncio.get_running_loop()
+        reader, writer = await asyncio.open_connection("127.0.0.1", source.port)
+        headers = "".join(f"{name}: {value}\r\n" for name, value in grafana_headers(SAMPLE_BODY).items())
+        writer.write(f"POST /alerts HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: {len(SAMPLE_BODY)}\r\n{headers}\r\n".encode() + SAMPLE_BODY)
+        answer = await asyncio.wait_for(reader.readuntil(b"}"), 2)
+        answered = loop.time()
+        rest = await asyncio.wait_for(reader.read(), 5)
+        idle_for = loop.time() - answered
+        writer.close()
+        assert len(source.drain()) == 2
+    assert answer.startswith(b"HTTP/1.1 202 ") and rest == b""
+    assert SLOW_LIMITS["header_timeout"] - 0.2 <= idle_for < SLOW_LIMITS["header_timeout"] + CUT_MARGIN
 
 
 # --- size ---------------------------------------------------------------------------------------------------------
@@ -600,13 +853,16 @@ def _self_signed(directory: Path) -> tuple[Path, Path]:
 async def test_tls(tmp_path):
     certfile, keyfile = _self_signed(tmp_path)
     client_ssl = ssl.create_default_context(cafile=str(certfile))
-    async with running(scheme="https", client_ssl=client_ssl, certfile=str(certfile), keyfile=str(keyfile), **BOTH) as source:
+    async with running(scheme="https", client_ssl=client_ssl, certfile=str(certfile), keyfile=str(keyfile), header_timeout=1, **BOTH) as source:
         accepted = await source.post(SAMPLE_BODY, grafana_headers(SAMPLE_BODY))
         assert len(source.drain()) == 2
         with pytest.raises(aiohttp.ClientError):
             await source.post(SAMPLE_BODY, grafana_headers(SAMPLE_BODY), url=f"http://127.0.0.1:{source.port}/alerts")
+        # The TLS handshake counts against header_timeout.
+        no_handshake = await _held_open(source.port, "idle", give_up_after=5)
         assert source.queue.empty()
     assert accepted == (202, {"accepted": 2, "duplicates": 0})
+    assert no_handshake is not None and no_handshake < 1 + CUT_MARGIN, no_handshake
 
 
 # --- arguments ----------------------------------------------------------------------------------------------------
@@ -643,7 +899,19 @@ ARGUMENT_ERRORS = {
     "bad header name": ({"port": 5001, "hmac_secret": HMAC_SECRET, "hmac_header": "X Sig"}, "argument 'hmac_header' must be an HTTP header name"),
     "same headers": ({"port": 5001, "hmac_secret": HMAC_SECRET, "hmac_header": "X-A", "hmac_timestamp_header": "x-a"}, "name the same header"),
     "zero skew": ({"port": 5001, "token": TOKEN, "max_clock_skew": 0}, "argument 'max_clock_skew' must be a number of seconds greater than 0"),
-    "negative ttl": ({"port": 5001, "token": TOKEN, "dedupe_ttl": -1}, "argument 'dedupe_ttl' must be a number of seconds, 0 or more"),
+    "dedupe_ttl removed": (
+        {"port": 5001, "token": TOKEN, "dedupe_ttl": 3600},
+        "argument 'dedupe_ttl' was removed: an alert is now a duplicate within half of 'repeat_interval'",
+    ),
+    "dedupe_ttl 0 removed too": ({"port": 5001, "token": TOKEN, "dedupe_ttl": 0}, "remove 'dedupe_ttl' and set 'repeat_interval'"),
+    "zero repeat_interval": ({"port": 5001, "token": TOKEN, "repeat_interval": "0s"}, "argument 'repeat_interval' must be a duration longer than 0"),
+    "repeat_interval unit": ({"port": 5001, "token": TOKEN, "repeat_interval": "1 hour"}, "like 1m, 4h or 1h30m (units ms, s, m, h, d, w, y, largest first)"),
+    "repeat_interval order": ({"port": 5001, "token": TOKEN, "repeat_interval": "30m1h"}, "got '30m1h'"),
+    "repeat_interval boolean": ({"port": 5001, "token": TOKEN, "repeat_interval": True}, "argument 'repeat_interval' must be a duration"),
+    "negative repeat_interval": ({"port": 5001, "token": TOKEN, "repeat_interval": -60}, "argument 'repeat_interval' must be a duration longer than 0"),
+    "zero header_timeout": ({"port": 5001, "token": TOKEN, "header_timeout": 0}, "argument 'header_timeout' must be a number of seconds greater than 0"),
+    "body_timeout not a number": ({"port": 5001, "token": TOKEN, "body_timeout": "soon"}, "argument 'body_timeout' must be a number of seconds greater than 0"),
+    "zero max_connections": ({"port": 5001, "token": TOKEN, "max_connections": 0}, "argument 'max_connections' must be an integer at least 1, got 0"),
     "zero body": ({"port": 5001, "token": TOKEN, "max_body_bytes": 0}, "argument 'max_body_bytes' must be an integer at least 1"),
     "empty host": ({"port": 5001, "token": TOKEN, "host": ""}, "argument 'host' must not be empty"),
 }
@@ -662,11 +930,82 @@ def test_argument_errors(args, message, tmp_path):
 
 def test_arguments_accept_rulebook_strings_and_feedback_queue():
     settings = grafana_alerts.parse_args(
-        {"port": "5001", "token": TOKEN, "insecure_no_auth": "false", "max_clock_skew": "30", "dedupe_ttl": 0, "eda_feedback_queue": object()}
+        {
+            "port": "5001",
+            "token": TOKEN,
+            "insecure_no_auth": "false",
+            "max_clock_skew": "30",
+            "repeat_interval": "4h",
+            "header_timeout": "2.5",
+            "body_timeout": "15",
+            "max_connections": "40",
+            "eda_feedback_queue": object(),
+        }
     )
-    assert (settings.port, settings.host, settings.path, settings.max_clock_skew, settings.dedupe_ttl) == (5001, "127.0.0.1", "/alerts", 30.0, 0.0)
+    assert (settings.port, settings.host, settings.path, settings.max_clock_skew, settings.repeat_interval) == (5001, "127.0.0.1", "/alerts", 30.0, 14400.0)
+    assert (settings.header_timeout, settings.body_timeout, settings.max_connections) == (2.5, 15.0, 40)
     assert (settings.hmac_header, settings.hmac_timestamp_header, settings.max_body_bytes) == (SIGNATURE_HEADER, TIMESTAMP_HEADER, 1048576)
     assert TOKEN not in repr(settings)
+
+
+def test_documented_defaults_are_the_defaults():
+    documented = yaml.safe_load(grafana_alerts.DOCUMENTATION)["options"]
+    settings = grafana_alerts.parse_args({"port": 5001, "token": TOKEN})
+    for name, option in documented.items():
+        if "default" in option and name not in ("port",):
+            value = getattr(settings, name)
+            expected = grafana_alerts.duration_seconds(option["default"]) if name == "repeat_interval" else option["default"]
+            assert value == expected, name
+    assert set(documented) == set(grafana_alerts._KNOWN_ARGS)
+    assert yaml.safe_load(grafana_alerts.EXAMPLES)[0]["mlfleet.serving.grafana_alerts"]["repeat_interval"] == documented["repeat_interval"]["default"]
+
+
+# Grafana reads repeat_interval with Prometheus' duration parser; the monitoring role checks its files with the same
+# rules (plugins/module_utils/_monitoring_validate.py). The event source keeps its own copy (it is loaded by file, with
+# no module_utils beside it): this table proves they agree.
+DURATIONS = ("1m", "4h", "1h30m", "90s", "500ms", "1d", "2w", "1y", "1h0m", "1m30s500ms", "0", "0s", "", "m", "1", "1.5m", "30m1h", "1h1h", "1M", " 1m", "-1m")
+
+
+@pytest.mark.parametrize("text", DURATIONS)
+def test_repeat_interval_is_read_as_grafana_reads_it(text):
+    validate = pytest.importorskip("ansible_collections.mlfleet.serving.plugins.module_utils._monitoring_validate")
+    grafana = validate.prometheus_seconds(text)
+    if text == "1":
+        # A plain number is seconds here (ansible-rulebook renders a number given to the template as a string).
+        assert (grafana, grafana_alerts.duration_seconds(text)) == (None, 1.0)
+    elif grafana is None or grafana <= 0:
+        with pytest.raises(ValueError, match="argument 'repeat_interval' must be a duration longer than 0"):
+            grafana_alerts.parse_args({"port": 5001, "token": TOKEN, "repeat_interval": text})
+    else:
+        assert grafana_alerts.parse_args({"port": 5001, "token": TOKEN, "repeat_interval": text}).repeat_interval == pytest.approx(grafana)
+
+
+def _rulebook_source_args() -> dict:
+    (ruleset,) = yaml.safe_load((REPO / "extensions" / "eda" / "rulebooks" / "autoscale.yml").read_text(encoding="utf-8"))
+    (source,) = [source for source in ruleset["sources"] if "mlfleet.serving.grafana_alerts" in source]
+    return source["mlfleet.serving.grafana_alerts"]
+
+
+def test_the_rulebook_passes_the_monitoring_roles_repeat_interval_and_the_same_defaults():
+    jinja2 = pytest.importorskip("jinja2")
+    rulebook_args = _rulebook_source_args()
+    # One variable feeds Grafana's notification policy (roles/monitoring) and the source's duplicate window.
+    assert rulebook_args["repeat_interval"] == "{{ monitoring_policy_repeat_interval | default('1m') }}"
+    role_defaults = yaml.safe_load((REPO / "roles" / "monitoring" / "defaults" / "main.yml").read_text(encoding="utf-8"))
+    role_specs = yaml.safe_load((REPO / "roles" / "monitoring" / "meta" / "argument_specs.yml").read_text(encoding="utf-8"))
+    role_default = role_defaults["monitoring_policy_repeat_interval"]
+    assert role_default == role_specs["argument_specs"]["main"]["options"]["monitoring_policy_repeat_interval"]["default"]
+    documented = yaml.safe_load(grafana_alerts.DOCUMENTATION)["options"]
+    assert documented["repeat_interval"]["default"] == role_default
+    # Rendered with no variables set, as ansible-rulebook renders it, the rulebook's arguments are the source's defaults.
+    names = ("repeat_interval", "header_timeout", "body_timeout", "max_connections")
+    rendered = {name: jinja2.Template(rulebook_args[name]).render() for name in names}
+    from_rulebook = grafana_alerts.parse_args({"port": 5001, "token": TOKEN, **rendered})
+    defaults = grafana_alerts.parse_args({"port": 5001, "token": TOKEN})
+    assert [getattr(from_rulebook, name) for name in names] == [getattr(defaults, name) for name in names]
+    # And a value given to the variable reaches the source.
+    given = jinja2.Template(rulebook_args["repeat_interval"]).render(monitoring_policy_repeat_interval="4h")
+    assert grafana_alerts.parse_args({"port": 5001, "token": TOKEN, "repeat_interval": given}).duplicate_window == 7200
 
 
 @run_async
@@ -726,6 +1065,8 @@ RULEBOOK = """\
         port: {port}
         token_file: {token_file}
         hmac_secret_file: {hmac_file}
+        # As the collection's rulebook passes it: a duration in Grafana's notation, rendered as a string.
+        repeat_interval: "{{{{ repeat_interval }}}}"
   rules:
     - name: Print scale-out alerts
       condition: event.action == "scale_out" and event.source == "grafana_alerts"
@@ -763,11 +1104,12 @@ def test_under_ansible_rulebook(tmp_path):
     port = free_port()
     (tmp_path / "r.yml").write_text(RULEBOOK.format(port=port, token_file=tmp_path / "token", hmac_file=tmp_path / "hmac"))
     (tmp_path / "inv.yml").write_text("all:\n  hosts:\n    localhost:\n      ansible_connection: local\n")
+    (tmp_path / "vars.yml").write_text("repeat_interval: 2s\n")
     log = tmp_path / "rulebook.log"
     env = {**os.environ, "ANSIBLE_COLLECTIONS_PATH": str(collections), "PYTHONUNBUFFERED": "1"}
     with log.open("wb") as output:
         process = subprocess.Popen(
-            ["ansible-rulebook", "--rulebook", "r.yml", "-i", "inv.yml", "--print-events"],
+            ["ansible-rulebook", "--rulebook", "r.yml", "-i", "inv.yml", "--vars", "vars.yml", "--print-events"],
             cwd=tmp_path,
             env=env,
             stdout=output,
@@ -776,9 +1118,18 @@ def test_under_ansible_rulebook(tmp_path):
         )
     try:
         _wait_for(lambda: _listening(port), process, log, f"listener on 127.0.0.1:{port}")
-        response = requests.post(f"http://127.0.0.1:{port}/alerts", data=SAMPLE_BODY, headers=grafana_headers(SAMPLE_BODY), timeout=10)
+        url = f"http://127.0.0.1:{port}/alerts"
+        response = requests.post(url, data=SAMPLE_BODY, headers=grafana_headers(SAMPLE_BODY), timeout=10)
         assert (response.status_code, response.json()) == (202, {"accepted": 2, "duplicates": 0})
+        duplicate = requests.post(url, data=SAMPLE_BODY, headers=grafana_headers(SAMPLE_BODY), timeout=10)
+        assert (duplicate.status_code, duplicate.json()) == (202, {"accepted": 0, "duplicates": 2})
         _wait_for(lambda: log.read_text(errors="replace").count("rule fired for ") >= 2, process, log, "the rule's debug output")
+        # Still firing, sent again after the repeat interval (2 s: duplicates within 1 s of the first sighting, which came
+        # before the first answer), with PUT: it reaches the rules again.
+        time.sleep(1.1)
+        again = requests.put(url, data=SAMPLE_BODY, headers=grafana_headers(SAMPLE_BODY), timeout=10)
+        assert (again.status_code, again.json()) == (202, {"accepted": 2, "duplicates": 0})
+        _wait_for(lambda: log.read_text(errors="replace").count("rule fired for ") >= 4, process, log, "the rule's debug output for the repeat")
         output_text = log.read_text(errors="replace")
         assert "rule fired for SwarmWorkersCpuHigh scale_out 5f2b7c2a9d1e4f60 91.4" in output_text
         assert "rule fired for TorchServeQueueLatencyHigh scale_out 9a8b7c6d5e4f3a21 412.0" in output_text
