@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import requests
 import yaml
-from autoscale_support import Autoscaler, audit_events, grafana_notification, running_vm_vmids, swarm_nodes
+from autoscale_support import Autoscaler, audit_events, grafana_notification, load_lease_module, running_vm_vmids, swarm_nodes
 from lab_support import REPO_ROOT, run, wait_for
 from serving_load import Endpoint, Load
 
@@ -161,6 +161,40 @@ def test_site_again_changes_nothing_and_writes_nothing_to_proxmox(site):
         assert re.search(r"\bchanged=0\b.*\bunreachable=0\b.*\bfailed=0\b", counters), (host, counters)
     writes = [f"{r['method']} {r['path']}" for r in simulator_requests(site) if r["method"] in WRITES]
     assert writes == []
+
+
+def site_lease_only(site, *extra):
+    """site.yml with a tag no task has: only its lease plays (tagged always) and fact gathering run."""
+    return run(["ansible-playbook", "-i", site["inventory"], "-e", f"@{site['overrides']}", *extra, "site.yml", "--tags", "lease-only"],
+               env=site["env"], check=False, timeout=300)  # fmt: skip
+
+
+def test_site_waits_for_a_live_scale_lease_naming_it_and_takes_over_one_whose_run_ended(site):
+    lease_module = load_lease_module()
+    lease = lease_module.LeaseFile(str(site["state"] / "autoscale.lease"))
+    this_process = {"host": socket.gethostname(), "pid": os.getpid(), "started": lease_module.process_start(os.getpid())}
+    held = lease.try_acquire("scale-run-under-test", 600, "scale_out resnet18 from test", run=this_process)
+    assert held["acquired"], held
+    try:
+        overrides = yaml.safe_load(site["overrides"].read_text())["mlfleet_autoscale"]
+        busy = site_lease_only(site, "-e", json.dumps({"mlfleet_autoscale": overrides | {"lease": overrides["lease"] | {"deploy_wait": 2}}}))
+        assert busy.returncode == 2, busy.stdout
+        assert f"is held by scale-run-under-test (scale_out resnet18 from test, ansible-playbook PID {os.getpid()}" in busy.stdout
+        assert re.search(r"waited 2(\.\d+)? s", busy.stdout) and "Provision the swarm" not in busy.stdout
+        assert lease.read()["lease"]["holder"] == "scale-run-under-test"
+    finally:
+        lease.release("scale-run-under-test")
+
+    # A run that ended without giving its lease back (failed or killed) blocks nobody until its ttl.
+    ended = subprocess.Popen(["true"])
+    ended.wait()
+    lease.try_acquire("failed-site-run", 1800, "site.yml of lab", run=this_process | {"pid": ended.pid})
+    result = site_lease_only(site)
+    assert result.returncode == 0, result.stdout
+    said = "Took over the lease of failed-site-run (site.yml of lab), whose ansible-playbook run had ended"
+    took_over = r"\s+".join(re.escape(word) for word in said.split())
+    assert re.search(took_over, result.stdout), result.stdout
+    assert lease.read()["lease"] is None
 
 
 def test_site_monitors_and_records_itself_in_the_audit_trail(site):
@@ -476,8 +510,10 @@ def test_grafana_duplicates_act_once_a_distinct_alert_after_the_cooldown_acts_an
     first = grafana_notification("densenet161", "scale_out", starts_at=iso_now())
     answers = []
     sent_from = time.monotonic()
+    # The first copy is captured, to be replayed below.
+    captured_stamp = int(time.time())
     for copy in range(50):
-        answers.append(hook.post(first))
+        answers.append(hook.post(first, timestamp=captured_stamp if copy == 0 else None))
         assert answers[copy].status_code == 202, answers[copy].text
     spent = time.monotonic() - sent_from
     assert spent < 10, f"50 notifications took {spent:.1f} s"
@@ -494,11 +530,15 @@ def test_grafana_duplicates_act_once_a_distinct_alert_after_the_cooldown_acts_an
     time.sleep(12)
     assert len(grafana_events()) == 1, grafana_events()
     second = grafana_notification("densenet161", "scale_out", starts_at=iso_now())
-    assert hook.post(second).json() == {"accepted": 1, "duplicates": 0}
+    # As a contact point whose httpMethod is PUT sends it.
+    assert hook.post(second, method="PUT").json() == {"accepted": 1, "duplicates": 0}
     wait_for("the scale action of a distinct alert after the cooldown", lambda: len([e for e in grafana_events() if e["decision"] == "acted"]) == 2, 180)
 
-    # Refused, logged, and nothing acts on them.
+    # Refused, logged, and nothing acts on them. The captured first request is replayed after the duplicate window (half
+    # of the lab's repeat_interval, 1m) and inside max_clock_skew (5 min) if the scale actions above were quick enough.
+    time.sleep(max(0.0, 31 - (time.monotonic() - sent_from)))
     bad = {
+        "captured and replayed": hook.post(first, timestamp=captured_stamp),
         "no token": hook.post(first, headers={"Authorization": None}),
         "wrong token": hook.post(first, token="not-the-token"),
         "bad signature": hook.post(first, secret="not-the-secret"),
@@ -507,11 +547,13 @@ def test_grafana_duplicates_act_once_a_distinct_alert_after_the_cooldown_acts_an
         "oversized": hook.post(b'{"alerts": []' + b" " * (2 * 1024 * 1024) + b"}"),
     }
     statuses = {name: answer.status_code for name, answer in bad.items()}
-    assert statuses == {"no token": 401, "wrong token": 401, "bad signature": 401, "replayed": 401, "malformed": 400, "oversized": 413}, statuses
+    expected = {"captured and replayed": 401, "no token": 401, "wrong token": 401, "bad signature": 401, "replayed": 401, "malformed": 400, "oversized": 413}
+    assert statuses == expected, statuses
+    assert bad["captured and replayed"].json()["reason"] in ("replayed request", "timestamp outside the allowed clock skew")
     time.sleep(5)
     assert len(grafana_events()) == 2
     rejected = [line for line in autoscaler.output().splitlines() if "grafana_alerts" in line and ("401" in line or "400" in line or "413" in line)]
-    assert len(rejected) >= 6, autoscaler.output()[-3000:]
+    assert len(rejected) >= 7, autoscaler.output()[-3000:]
     # The fast path sees densenet161 idle and brings it back to its minimum.
     wait_for("densenet161 back to 1 replica", lambda: len(servers_up(site, "densenet161")) == 1, timeout=300)
 

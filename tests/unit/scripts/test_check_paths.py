@@ -29,10 +29,10 @@ def check(tmp_path: Path, files: dict[str, str], ignored: tuple[str, ...] = ()) 
 @pytest.mark.parametrize(
     "name, text, finding",
     [
-        ("tests/lab/support.py", f'SAMPLE = REPO / "{SHARED}/grafana/sample.json"\n', "names ../shared"),
-        ("README.md", f"See [the design]({SHARED}/DESIGN.md).\n", "names ../shared"),
-        ("tests/lab/support.py", f'"""Shaped like {WORK}/shared/grafana/sample.json."""\n', "absolute /work path"),
-        ("docs/notes.md", f"Run `{WORK}/main/scripts/site`.\n", "absolute /work path"),
+        ("tests/lab/support.py", f'SAMPLE = REPO / "{SHARED}/grafana/sample.json"\n', f"names {SHARED}"),
+        ("README.md", f"See [the design]({SHARED}/DESIGN.md).\n", f"names {SHARED}"),
+        ("tests/lab/support.py", f'"""Shaped like {WORK}/shared/grafana/sample.json."""\n', f"absolute {WORK} path"),
+        ("docs/notes.md", f"Run `{WORK}/main/scripts/site`.\n", f"absolute {WORK} path"),
         ("bench/run.py", f'CACHE = "{ROOT}/.cache/mlfleet"\n', f"home directory {ROOT} "),
         ("plugins/x.py", f"    lease_file: {HOME}/alice/.local/share/lease\n", f"home directory {HOME}/alice "),
     ],
