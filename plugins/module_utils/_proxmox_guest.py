@@ -3,9 +3,10 @@
 """How this collection reads a Proxmox VE guest's tags and its address, for the proxmox_vm_pool module and the
 mlfleet.serving.proxmox inventory plugin alike, so that the two never name different tags or addresses for one VM.
 
-Tags are split at ``;``, ``,`` and blanks and lower-cased. This is what Proxmox VE does when it stores them
-(``PVE::GuestHelpers::get_unique_tags`` in pve-guest-common, with ``tag-style`` in datacenter.cfg at its default,
-not case-sensitive); tags written into a config by hand or on a cluster with case-sensitive tags are compared the
+Tags are split at ``;``, ``,`` and blanks and lower-cased; written, they are also sorted. This is what Proxmox VE
+does when it stores them (``PVE::GuestHelpers::get_unique_tags`` in pve-guest-common, with ``tag-style`` in
+datacenter.cfg at its default: not case-sensitive, alphabetical ordering), so the tags this collection reports
+for a VM it just created are the ones every later read returns; tags written into a config by hand or on a cluster with case-sensitive tags are compared the
 same way, so ``GPU`` and ``gpu`` are one tag here.
 
 A VM's address belongs to one of its network devices, the *configured NIC* (``net0`` unless the caller says
@@ -48,8 +49,8 @@ def split_tags(value):
 
 
 def join_tags(tags):
-    """Tags as Proxmox stores them: lower-case, each once, joined with ``;``."""
-    return ";".join(split_tags(";".join(tags)))
+    """Tags as Proxmox stores them: lower-case, each once, sorted, joined with ``;``."""
+    return ";".join(sorted(split_tags(";".join(tags))))
 
 
 def ipconfig_key(nic):

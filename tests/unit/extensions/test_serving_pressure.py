@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import threading
@@ -485,6 +486,33 @@ def test_read_lease_reads_the_playbooks_lease_file(tmp_path, lease_module):
     assert state.holder is None, "a lease given back holds nothing"
     assert list(state.last_actions) == ["resnet18:scale_out"] and before <= state.last_actions["resnet18:scale_out"] <= time.time()
     assert state.max_replicas == {"resnet18": 6}
+
+
+def _runs():
+    """Runs as the lease records them: this live process, one that ended, this PID started later, another host, none."""
+    ended = subprocess.Popen([sys.executable, "-c", ""])
+    ended.wait()
+    here = socket.gethostname()
+    with open(f"/proc/{os.getpid()}/stat", encoding="utf-8") as handle:
+        started = int(handle.read().rsplit(")", 1)[1].split()[19])
+    return [
+        {"host": here, "pid": os.getpid(), "started": started},
+        {"host": here, "pid": ended.pid, "started": started},
+        {"host": here, "pid": os.getpid(), "started": started + 1},
+        {"host": "another-control-host", "pid": 1, "started": 0},
+        None,
+    ]
+
+
+def test_a_lease_whose_run_ended_holds_nothing_by_the_same_rule_as_the_playbooks(tmp_path, lease_module):
+    runs = _runs()
+    assert [sp.run_ended(run) for run in runs] == [lease_module.run_ended(run) for run in runs] == [False, True, True, False, False]
+    path = tmp_path / "autoscale.lease"
+    lease = lease_module.LeaseFile(str(path))
+    for run, holds in zip(runs, [True, False, False, True, True], strict=True):
+        lease.try_acquire("ctl:4242:beef", ttl=600, reason="scale_out resnet18", run=run)
+        assert (sp.read_lease(str(path), time.time()).holder == "ctl:4242:beef") is holds, run
+        lease.release("ctl:4242:beef")
 
 
 @pytest.mark.parametrize(

@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import os
+import socket
 import ssl
 import statistics
 import sys
@@ -182,7 +183,8 @@ options:
   lease_file:
     description:
       - The scale playbooks' lease file on this host (the inventory's C(mlfleet_autoscale.lease.path)). While a scale
-        action holds a live lease in it, due events are held back, and the end of each service's last scale action
+        action holds a live lease in it, due events are held back (a lease whose C(ansible-playbook) run has ended on
+        this host holds nothing, as the playbooks take it over at once), and the end of each service's last scale action
         restarts its windows (see above). A missing file means no lease and no action yet; a file that cannot be read or
         is not the lease's JSON is reported (once a minute) and ignored, since the playbooks' lease still keeps to one
         action at a time.
@@ -249,6 +251,22 @@ class LeaseState:
     max_replicas: dict[str, int] = field(default_factory=dict)
 
 
+def run_ended(run: Any) -> bool:
+    """Whether the playbook run that took a lease is known to have ended: it ran on this host and its process is gone or
+    its PID now belongs to a later process. The rule of the collection's lease code (``run_ended`` in
+    plugins/module_utils/_lease.py), which ansible-rulebook cannot import here; a test keeps the two equal."""
+    if not isinstance(run, dict) or run.get("host") != socket.gethostname():
+        return False
+    try:
+        with open(f"/proc/{run.get('pid')}/stat", "rb") as handle:
+            stat = handle.read().decode("utf-8", "replace")
+        # Field 22, the start time; the command name (field 2) may hold spaces and parentheses.
+        started = int(stat[stat.rindex(")") + 2 :].split()[19])
+    except (OSError, ValueError, IndexError):
+        started = None
+    return started != run.get("started")
+
+
 def read_lease(path: str, now: float) -> LeaseState:
     """The scale playbooks' lease file at ``path`` as it stands at ``now`` (epoch seconds); a missing file is an empty one.
 
@@ -276,7 +294,7 @@ def read_lease(path: str, now: float) -> LeaseState:
         return LeaseState(last_actions=acted, max_replicas=maxima)
     if not isinstance(lease, dict) or not isinstance(lease.get("expires_at"), int | float):
         raise LeaseReadError(f"the lease file {path} is not the scale playbooks' lease (no lease.expires_at); is lease_file mlfleet_autoscale.lease.path?")
-    if lease["expires_at"] <= now:
+    if lease["expires_at"] <= now or run_ended(lease.get("run")):
         return LeaseState(last_actions=acted, max_replicas=maxima)
     holder = str(lease.get("holder", "?"))
     description = f"{holder} ({lease.get('reason') or 'no reason given'}), for {lease['expires_at'] - now:.0f} s more at most"

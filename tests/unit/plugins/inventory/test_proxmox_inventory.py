@@ -185,7 +185,7 @@ def test_host_variables(tmp_path, sim):
         "proxmox_name": "worker",
         "proxmox_node": "pve2",
         "proxmox_status": "running",
-        "proxmox_tags": ["swarm_worker", "mlfleet"],
+        "proxmox_tags": ["mlfleet", "swarm_worker"],
         "proxmox_pool": "mlfleet",
         "proxmox_address_source": "ipconfig0",
         "proxmox_unreachable": False,

@@ -16,6 +16,7 @@ from ansible_collections.mlfleet.serving.plugins.module_utils._proxmox_guest imp
     split_tags,
     static_address,
 )
+from lab.pvesim.formats import unique_tags
 
 NET0_MAC = "BC:24:11:AA:BB:CC"
 NET1_MAC = "BC:24:11:DD:EE:FF"
@@ -296,5 +297,16 @@ def test_tags_are_split_on_any_proxmox_separator_lowercased_and_unique(value, ta
     assert split_tags(value) == tags
 
 
-def test_tags_are_joined_as_proxmox_stores_them():
-    assert join_tags(["Worker", "mlfleet", "worker"]) == "worker;mlfleet"
+@pytest.mark.parametrize(
+    ("tags", "stored"),
+    [
+        (["Worker", "mlfleet", "worker"], "mlfleet;worker"),
+        (["swarm_worker", "mlfleet"], "mlfleet;swarm_worker"),
+        (["gpu", "GPU;b,a"], "a;b;gpu"),
+        ([], ""),
+    ],
+)
+def test_tags_are_joined_as_proxmox_stores_them_and_as_the_simulator_does(tags, stored):
+    assert join_tags(tags) == stored
+    # The simulator follows pve-guest-common's get_unique_tags on its own; the two must agree.
+    assert unique_tags(";".join(tags)) == stored

@@ -106,7 +106,7 @@ def test_create_rerun_grow_shrink_absent(sim, module):
     assert created["changed"] and len(created["created"]) == 3
     assert sorted(vm["node"] for vm in created["created"]) == ["pve1", "pve2", "pve3"]
     assert all(member["status"] == "running" and member["ip"].startswith("10.99.") for member in created["members"])
-    assert created["members"][0]["tags"] == ["worker", "mlfleet"]
+    assert created["members"][0]["tags"] == ["mlfleet", "worker"]
     assert "most free memory" in created["placement"][0]["reason"]
     assert {entry["stage"] for entry in created["progress"]} >= {"cloned", "configured", "started"}
     vms = cluster_vms(sim)
@@ -115,7 +115,7 @@ def test_create_rerun_grow_shrink_absent(sim, module):
     config = api_get(sim, f"nodes/{vms[first]['node']}/qemu/{first}/config")
     assert urllib.parse.unquote(config["sshkeys"]) == KEY
     assert (config["cores"], config["cpulimit"], config["memory"], config["ciuser"], config["nameserver"]) == (2, 0.5, "1024", "debian", "192.168.213.1")
-    assert config["ipconfig0"] == "ip=dhcp" and config["tags"] == "worker;mlfleet"
+    assert config["ipconfig0"] == "ip=dhcp" and config["tags"] == "mlfleet;worker"
 
     admin(sim, "DELETE", "requests")
     again = module(count=3, ciuser="debian", sshkeys=[KEY], cores=2, cpulimit=0.5, memory=1024, extra_tags=["mlfleet"], nameserver="192.168.213.1")
