@@ -182,7 +182,7 @@ def main():
     lab = Lab()
     # Start from the minimum: the service at its minimum replicas and the pool at its minimum workers.
     minimum = {"services": {args.service: {"min": 2, "max": 8, "step": 8}}, "cooldown": {"scale_out": 0, "scale_in": 0, "scale_in_after_scale_out": 0},
-               "lease": {"path": str(lab.state / "autoscale.lease")}}  # fmt: skip
+               "stabilization": {"scale_in": 0}, "lease": {"path": str(lab.state / "autoscale.lease")}}  # fmt: skip
     run(["ansible-playbook", "-e", json.dumps({"mlfleet_autoscale": minimum, "scale_service": args.service}), "playbooks/scale_in.yml"], timeout=900)
     body = jpeg_body(7)
     env = {"MLFLEET_LAB_STATE": str(lab.state), "MLFLEET_LAB_GATEWAY": lab.gateway, "MLFLEET_LAB_NAME": lab.name}

@@ -422,12 +422,14 @@ def audit_time(event: dict) -> float:
     return datetime.fromisoformat(event["time"].replace("Z", "+00:00")).timestamp()
 
 
-# Why a scale run did not act, from the words of its audit reason (playbooks/scale.yml, swarm_scale_plan), first match.
+# Why a scale run did not act, from the words of its audit reason (module_utils/_scale_decision.py, _scale_plan.py), first match.
 NOT_ACTED_BECAUSE = (
     ("lease", "holds the lease"),
     ("cooldown", "cooling down"),
     ("held_vms_backlog_draining", "no new VMs: the backlog"),
     ("stale_event", "s old (more than max_event_age"),
+    ("demand_met", ": nothing to add"),
+    ("stabilization", "(stabilization)"),
     ("at_bound", ""),
 )
 
@@ -435,8 +437,12 @@ NOT_ACTED_BECAUSE = (
 def scale_events_since(since: float, state: Path, keys=("time", "action", "decision", "reason", "fields")) -> dict:
     """The autoscaler's audit events from `since` (epoch seconds) on: "scale_events", each event's `keys`, for every
     event but the runs that did not act, "scale_runs_not_acted", how many did not, and "not_acted_because", those
-    counted by reason (NOT_ACTED_BECAUSE; at_bound is the rest: at a minimum or maximum, nothing to do)."""
+    counted by reason (NOT_ACTED_BECAUSE; at_bound is the rest: at a minimum or maximum, nothing to do); and
+    "events_not_emitted", the events serving_pressure held back because their run could only decide not to act (its
+    summary records, values.suppressed), which cost no run."""
     events = [e for e in audit_events(state) if audit_time(e) >= since]
+    summaries = [e for e in events if (e.get("values") or {}).get("suppressed") is True]
+    events = [e for e in events if e not in summaries]
     not_acted = [e for e in events if e.get("decision") == "not_acted"]
     because = dict.fromkeys((name for name, _words in NOT_ACTED_BECAUSE), 0)
     for event in not_acted:
@@ -445,6 +451,7 @@ def scale_events_since(since: float, state: Path, keys=("time", "action", "decis
         "scale_events": [{k: e.get(k) for k in keys} for e in events if e.get("decision") != "not_acted"],
         "scale_runs_not_acted": len(not_acted),
         "not_acted_because": because,
+        "events_not_emitted": sum(int((e.get("fields") or {}).get("suppressed", 0)) for e in summaries),
     }
 
 
@@ -561,9 +568,10 @@ def wait_for_autoscaler_runs(lab: Lab, timeout=600):
 def shrink_pool(lab: Lab, model: str, workers: int):
     """Back to `workers` worker VMs with the collection's own scale-in: drain, take out, destroy."""
     lab.settle(model, workers)
-    # Cooldowns off for these by-hand runs; bounds and steps as the overrides file has them.
+    # Cooldowns and scale-in stabilization off for these by-hand runs; bounds and steps as the overrides file has them.
     overrides = yaml.safe_load((REPO_ROOT / "bench" / "capacity" / "inventory_overrides.yml").read_text())["mlfleet_autoscale"]
     overrides["cooldown"] = {"scale_out": 0, "scale_in": 0, "scale_in_after_scale_out": 0}
+    overrides["stabilization"] = {"scale_in": 0}
     overrides["lease"]["path"] = str(lab.state / "autoscale.lease")
     for _attempt in range(4):
         if len(lab.workers()) <= workers:

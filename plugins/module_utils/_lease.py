@@ -12,7 +12,10 @@ last_actions[key]``, and the replica floors a scheduled scale-out set (``floors`
 until an epoch time), so a scale-in during the scheduled window keeps them. Expired floors are dropped at the next
 write. It also records the replica bounds each service's last run kept (``bounds``: ``min``, ``max`` and ``at``, when
 they were recorded), which the serving_pressure event source reads to ask less often for a service already at its
-maximum.
+maximum; the effective settings each service's last run decided with (``settings``: bounds, cooldowns, target per
+replica, stabilization); and the history of the replica counts each run desired (``history``: ``[[at, count]]`` per
+service, oldest first, at most HISTORY_SECONDS old and HISTORY_ENTRIES long), from which a scale-in takes the highest
+count of its stabilization window.
 
 Every read-modify-write happens under an exclusive ``flock`` on the sidecar ``<path>.lock``. The data file is never
 locked: it is replaced atomically (a temporary file in the same directory, fsync, ``os.replace``), so a reader without
@@ -33,6 +36,10 @@ import time
 from contextlib import contextmanager, suppress
 
 FORMAT_VERSION = 1
+# The longest history kept of each service's desired counts, and so the longest stabilization window (seconds).
+HISTORY_SECONDS = 3600
+# Entries kept per service, whatever their age: a burst of decisions cannot grow the file without bound.
+HISTORY_ENTRIES = 200
 # How long to wait for the sidecar lock, which a run holds only for one read-modify-write (milliseconds).
 LOCK_TIMEOUT = 30.0
 LOCK_POLL = 0.01
@@ -161,7 +168,52 @@ def data_problem(data):
         problem = bounds_problem(entry) or (None if is_time(entry.get("at")) else f"at {entry.get('at')!r} is not a number")
         if problem:
             return f"bounds[{service!r}]: {problem}"
+    settings = data.get("settings", {})
+    if not isinstance(settings, dict) or not all(isinstance(entry, dict) for entry in settings.values()):
+        return "'settings' is not an object of objects"
+    history = data.get("history", {})
+    if not isinstance(history, dict):
+        return "'history' is not an object"
+    for service, entries in history.items():
+        problem = history_problem(entries)
+        if problem:
+            return f"history[{service!r}]: {problem}"
     return None
+
+
+def history_problem(entries):
+    """What is wrong with one service's history ``[[at, count]]``, or None."""
+    if not isinstance(entries, list):
+        return "not a list"
+    for entry in entries:
+        if not (isinstance(entry, list) and len(entry) == 2 and is_time(entry[0]) and whole(entry[1], 0)):
+            return f"entry {entry!r} is not [epoch seconds, replicas]"
+    return None
+
+
+def prune_history(entries, now):
+    """``[[at, count]]`` without entries older than HISTORY_SECONDS, the newest HISTORY_ENTRIES, oldest first."""
+    kept = sorted(([at, count] for at, count in entries if now - at <= HISTORY_SECONDS), key=lambda entry: entry[0])
+    return kept[-HISTORY_ENTRIES:]
+
+
+def check_desired(desired):
+    """``desired`` (``[{service, replicas}]``) as ``{service: replicas}``; LeaseError naming the entry at fault."""
+
+    def problem(entry):
+        return None if whole(entry.get("replicas"), 0) else f"replicas {entry.get('replicas')!r} is not a whole number of 0 or more"
+
+    return {service: entry["replicas"] for service, entry in checked_entries("desired", desired, ("replicas",), problem, "give the replicas the run desired")}
+
+
+def check_settings(settings):
+    """``settings`` (``[{service, ...}]``) as ``{service: {...}}``; LeaseError naming the entry at fault."""
+    checked = {}
+    for index, entry in enumerate(settings):
+        if not isinstance(entry, dict) or not isinstance(entry.get("service"), str) or not entry["service"].strip():
+            raise LeaseError(f"settings[{index}] must have a service, the name of a Swarm service such as 'resnet18'; got {entry!r}")
+        checked[entry["service"]] = {key: value for key, value in entry.items() if key != "service"}
+    return checked
 
 
 def whole(value, minimum):
@@ -261,8 +313,103 @@ def describe(state, now):
         "last_actions": dict(state["last_actions"]),
         "floors": highest_floors(state["floors"], now),
         "bounds": {service: dict(entry) for service, entry in state["bounds"].items()},
+        "settings": {service: dict(entry) for service, entry in state["settings"].items()},
+        "history": {service: [list(entry) for entry in entries] for service, entries in state["history"].items()},
         "now": now,
     }
+
+
+def fence(path, holder, clock=time):
+    """Fencing: LeaseError unless ``holder`` holds a live lease in the file at ``path`` now. Every module that acts
+    (clones, destroys, changes replicas, drains, joins) calls this first, so that a run that lost its lease (it stalled
+    past its ttl and another run took over) stops acting and says so, instead of acting beside the new holder."""
+    check_holder(holder)
+    lease = LeaseFile(path).read()["lease"]
+    now = clock.time()
+    if lease is not None and lease["holder"] == holder and lease["expires_at"] > now:
+        return
+    if lease is None:
+        held = "nobody holds it"
+    elif lease["holder"] == holder:
+        held = f"it expired {now - lease['expires_at']:.0f} s ago"
+    else:
+        held = f"{lease['holder']} ({lease.get('reason') or 'no reason given'}) holds it"
+    raise LeaseError(
+        f"this run no longer holds the scale lease {path} ({held}), so it stops acting here; "
+        "another run may act now, and a run after it finishes what this one left"
+    )
+
+
+def fence_argument_spec():
+    """The ``lease`` option of the modules that act under the lease (doc fragment mlfleet.serving.scale_lease)."""
+    return dict(lease=dict(type="dict", options=dict(path=dict(type="path", required=True), holder=dict(type="str", required=True))))
+
+
+def fence_module(module):
+    """For a module with ``fence_argument_spec``: fail it, naming why, when its run no longer holds the lease. Call first."""
+    lease = module.params.get("lease")
+    if not lease or module.check_mode:
+        return
+    try:
+        fence(lease["path"], lease["holder"])
+    except LeaseError as error:
+        module.fail_json(msg=str(error), lease_lost=True)
+
+
+# How often a renewer looks whether its playbook run still lives (seconds), so that it ends within this of the run.
+RENEWER_CHECK = 1.0
+
+
+def renew_while_running(lease, holder, ttl, run, interval=None, clock=time):
+    """Renew ``holder``'s lease every ``interval`` seconds (a third of ``ttl``) for as long as the playbook process
+    ``run`` lives, looking every RENEWER_CHECK seconds; return why it stopped: V(run_ended), V(lost) (the lease is no
+    longer this holder's: given back, or taken over) or V(error)."""
+    interval = ttl / 3.0 if interval is None else interval
+    steps = max(1, math.ceil(interval / RENEWER_CHECK))
+    while True:
+        for _step in range(steps):
+            clock.sleep(interval / steps)
+            if run_ended(run):
+                return "run_ended"
+        try:
+            if not lease.renew(holder, ttl):
+                return "lost"
+        except LeaseError:
+            return "error"
+
+
+def start_renewer(path, holder, ttl, run):
+    """Start the renewer of ``holder``'s lease in a process of its own (detached: a double fork, a new session, no
+    terminal), tied to the playbook process ``run``, and return its PID. It renews the lease every ttl / 3 seconds while
+    that process lives, so a step that blocks longer than the ttl (a drain waits up to 300 s) keeps the lease; it ends
+    within a second of the playbook, so a killed run's lease expires within the ttl (and a later run on this host takes it
+    over at once, as the playbook's process is gone). Unlike an Ansible async task, it never outlives the run."""
+    if not run:
+        raise LeaseError("a heartbeat lease renews itself while its ansible-playbook run lives: take it from a playbook run")
+    reader, writer = os.pipe()
+    first = os.fork()
+    if first == 0:
+        # The first child: a new session, then the renewer, whose parent exits at once (no zombie, no terminal).
+        try:
+            os.close(reader)
+            os.setsid()
+            second = os.fork()
+            if second:
+                os.write(writer, str(second).encode())
+                os._exit(0)
+            os.close(writer)
+            null = os.open(os.devnull, os.O_RDWR)
+            for descriptor in (0, 1, 2):
+                os.dup2(null, descriptor)
+            os.chdir("/")
+            renew_while_running(LeaseFile(path), holder, ttl, run)
+        finally:
+            os._exit(0)
+    os.close(writer)
+    with os.fdopen(reader, "rb") as handle:
+        pid = int(handle.read() or 0)
+    os.waitpid(first, 0)
+    return pid
 
 
 def fsync_directory(path):
@@ -336,7 +483,7 @@ class LeaseFile:
             with open(self.path, "rb") as handle:
                 raw = handle.read()
         except FileNotFoundError:
-            return {"lease": None, "last_actions": {}, "floors": {}, "bounds": {}}
+            return {"lease": None, "last_actions": {}, "floors": {}, "bounds": {}, "settings": {}, "history": {}}
         except OSError as error:
             raise LeaseError(
                 f"cannot read the lease file {self.path}: {error.strerror}. "
@@ -355,6 +502,8 @@ class LeaseFile:
             "last_actions": {key: float(when) for key, when in data.get("last_actions", {}).items()},
             "floors": {service: [dict(entry) for entry in entries] for service, entries in data.get("floors", {}).items()},
             "bounds": {service: dict(entry) for service, entry in data.get("bounds", {}).items()},
+            "settings": {service: dict(entry) for service, entry in data.get("settings", {}).items()},
+            "history": {service: [list(entry) for entry in entries] for service, entries in data.get("history", {}).items()},
         }
 
     def _write(self, state, now):
@@ -365,6 +514,8 @@ class LeaseFile:
             "last_actions": dict(sorted(state["last_actions"].items())),
             "floors": dict(sorted(live_floors(state["floors"], now).items())),
             "bounds": dict(sorted(state["bounds"].items())),
+            "settings": dict(sorted(state["settings"].items())),
+            "history": {service: kept for service, entries in sorted(state["history"].items()) if (kept := prune_history(entries, now))},
         }
         payload = (json.dumps(data, indent=2, allow_nan=False) + "\n").encode("utf-8")
         temporary = None
@@ -426,10 +577,27 @@ class LeaseFile:
             "last_actions": state["last_actions"],
             "floors": state["floors"],
             "bounds": state["bounds"],
+            "settings": state["settings"],
+            "history": state["history"],
         }
         if write:
             self._write(state, now)
         return dict(result, acquired=True, changed=True, **describe(state, now))
+
+    def renew(self, holder, ttl, now=None):
+        """Extend ``holder``'s lease to ``ttl`` seconds from now, only while it holds it (live or expired but not taken
+        over); False when the lease was given back or another holder has it. Unlike ``try_acquire``, never takes a free
+        lease: a renewal racing the run's own release must not take the lease again."""
+        check_holder(holder)
+        with self.locked():
+            state = self.read()
+            lease = state["lease"]
+            if lease is None or lease["holder"] != holder:
+                return False
+            now = self._now(now)
+            state["lease"] = dict(lease, expires_at=now + ttl, ttl=ttl)
+            self._write(state, now)
+            return True
 
     def acquire(self, holder, ttl, reason=None, wait_timeout=0, poll_interval=1.0, check_mode=False, run=None):
         """``try_acquire``, again every ``poll_interval`` seconds while another holder's live lease exists, for up to ``wait_timeout`` seconds.
@@ -454,24 +622,26 @@ class LeaseFile:
         result["waited"] = round(waited, 3)
         return result
 
-    def release(self, holder, acted=(), now=None, check_mode=False, floors=(), bounds=()):
+    def release(self, holder, acted=(), now=None, check_mode=False, floors=(), bounds=(), desired=(), settings=()):
         """Give the lease back when ``holder`` holds it, record ``now`` as the last action time of each key of ``acted``,
         add ``floors`` (``[{service, replicas, until, reason}]``) and record ``bounds`` (``[{service, min, max}]``) at
-        ``now``, each replacing the service's earlier bounds.
+        ``now``, each replacing the service's earlier bounds; append ``desired`` (``[{service, replicas}]``) to the services'
+        history at ``now`` and record ``settings`` (``[{service, ...}]``), each replacing the service's earlier settings.
 
-        When another holder (or nobody) holds it, nothing changes and neither ``acted``, ``floors`` nor ``bounds`` is
-        recorded, so a late release after a takeover never frees someone else's lease.
+        When another holder (or nobody) holds it, nothing changes and nothing of ``acted``, ``floors``, ``bounds``,
+        ``desired`` or ``settings`` is recorded, so a late release after a takeover never frees someone else's lease.
         """
         check_holder(holder)
         keys = check_acted(acted)
         new_floors = check_floors(floors)
         new_bounds = check_bounds(bounds)
+        records = {"desired": check_desired(desired), "settings": check_settings(settings)}
         if check_mode:
-            return self._release(self.read(), holder, keys, new_floors, new_bounds, self._now(now), write=False)
+            return self._release(self.read(), holder, keys, new_floors, new_bounds, records, self._now(now), write=False)
         with self.locked():
-            return self._release(self.read(), holder, keys, new_floors, new_bounds, self._now(now), write=True)
+            return self._release(self.read(), holder, keys, new_floors, new_bounds, records, self._now(now), write=True)
 
-    def _release(self, state, holder, keys, new_floors, new_bounds, now, write):
+    def _release(self, state, holder, keys, new_floors, new_bounds, records, now, write):
         lease = state["lease"]
         if lease is None or lease["holder"] != holder:
             return dict(holder=holder, released=False, changed=False, **describe(state, now))
@@ -482,7 +652,11 @@ class LeaseFile:
         for service, entries in new_floors.items():
             floors[service] = floors.get(service, []) + [entry for entry in entries if entry not in floors.get(service, [])]
         bounds = dict(state["bounds"]) | {service: dict(entry, at=now) for service, entry in new_bounds.items()}
-        state = {"lease": None, "last_actions": last_actions, "floors": floors, "bounds": bounds}
+        history = {service: list(entries) for service, entries in state["history"].items()}
+        for service, replicas in records["desired"].items():
+            history[service] = [*history.get(service, []), [now, replicas]]
+        settings = dict(state["settings"]) | records["settings"]
+        state = {"lease": None, "last_actions": last_actions, "floors": floors, "bounds": bounds, "settings": settings, "history": history}
         if write:
             self._write(state, now)
         return dict(holder=holder, released=True, changed=True, **describe(state, now))

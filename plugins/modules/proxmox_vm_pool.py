@@ -27,6 +27,7 @@ author:
   - mlfleet.serving maintainers (@mlfleet)
 extends_documentation_fragment:
   - mlfleet.serving.proxmox
+  - mlfleet.serving.scale_lease
 attributes:
   check_mode:
     description: Can run in check_mode and return changed status prediction without modifying target.
@@ -393,6 +394,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from ansible.module_utils.basic import AnsibleModule
 
+from ansible_collections.mlfleet.serving.plugins.module_utils._lease import fence_argument_spec, fence_module
 from ansible_collections.mlfleet.serving.plugins.module_utils._proxmox import (
     PROXMOX_MUTUALLY_EXCLUSIVE,
     PROXMOX_REQUIRED_ONE_OF,
@@ -430,6 +432,7 @@ MAX_BACKOFF = 30.0
 
 def argument_spec():
     spec = proxmox_argument_spec()
+    spec.update(fence_argument_spec())
     spec.update(
         pool_tag=dict(type="str", required=True),
         pool=dict(type="str"),
@@ -812,6 +815,7 @@ def main():
         required_if=[("state", "present", ("count", "template"))],
         supports_check_mode=True,
     )
+    fence_module(module)
     try:
         check_arguments(module.params)
         client = ProxmoxClient.from_params(module.params)

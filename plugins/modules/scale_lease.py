@@ -153,6 +153,40 @@ options:
         description: The most replicas the service may run.
         type: int
         required: true
+  desired:
+    description:
+      - The replica counts the run desired (RV(mlfleet.serving.scale_decision#module:record_desired)), only with
+        O(state=released), and only when the release gives back the lease of O(holder). Each is appended to its service's
+        RV(history) with the time of the release; a scale-in keeps the highest count of its stabilization window.
+    type: list
+    elements: dict
+    default: []
+    suboptions:
+      service:
+        description: The Swarm service.
+        type: str
+        required: true
+      replicas:
+        description: The count the run desired.
+        type: int
+        required: true
+  settings:
+    description:
+      - The effective settings each service's run decided with (RV(mlfleet.serving.scale_decision#module:settings)), only
+        with O(state=released). Each replaces the service's earlier ones, and is returned in RV(settings).
+    type: list
+    elements: dict
+    default: []
+  heartbeat:
+    description:
+      - With O(state=acquired), start a renewer once the lease is taken - a process of its own that renews the lease every
+        O(ttl) / 3 seconds for as long as the C(ansible-playbook) run that took it lives, and ends within a second of it.
+        A short O(ttl) (30 to 60 seconds) then covers steps that block for minutes (a drain), and a killed run's lease
+        expires within O(ttl); on the control host that ran it, the next run takes it over at once. Unlike an Ansible
+        C(async) task, the renewer never outlives the run.
+      - Only in a playbook run (the module fails outside C(ansible-playbook)), and not in check mode.
+    type: bool
+    default: false
   fail_when_busy:
     description:
       - Fail, naming the holder, its reason and when its lease expires, when another holder's live lease still exists
@@ -315,6 +349,23 @@ bounds:
   returned: success, and when O(fail_when_busy=true) fails the run
   type: dict
   sample: {"resnet18": {"min": 2, "max": 8, "at": 1714564500.5}}
+settings:
+  description: Per service, the effective settings its last recorded run decided with.
+  returned: success, and when O(fail_when_busy=true) fails the run
+  type: dict
+  sample: {"resnet18": {"min": 2, "max": 8, "step": 1, "target_per_replica": 4.0, "max_scale_up": 4}}
+history:
+  description:
+    - Per service, the replica counts its runs desired, as C([epoch seconds, replicas]), oldest first; at most an hour
+      and 200 entries are kept.
+  returned: success, and when O(fail_when_busy=true) fails the run
+  type: dict
+  sample: {"resnet18": [[1714564500.5, 4], [1714564530.0, 6]]}
+renewer_pid:
+  description: The PID of the renewer O(heartbeat=true) started; null without one.
+  returned: when O(state=acquired)
+  type: int
+  sample: 4242
 now:
   description: The time of the decision, epoch seconds of the control host's wall clock; a cooldown has passed when C(now - last_actions[key]) exceeds it.
   returned: success, and when O(fail_when_busy=true) fails the run
@@ -326,7 +377,7 @@ import datetime
 
 from ansible.module_utils.basic import AnsibleModule
 
-from ansible_collections.mlfleet.serving.plugins.module_utils._lease import LeaseError, LeaseFile, current_run, new_holder
+from ansible_collections.mlfleet.serving.plugins.module_utils._lease import LeaseError, LeaseFile, current_run, new_holder, start_renewer
 
 
 def argument_spec():
@@ -356,6 +407,14 @@ def argument_spec():
             default=[],
             options=dict(service=dict(type="str", required=True), min=dict(type="int", required=True), max=dict(type="int", required=True)),
         ),
+        desired=dict(
+            type="list",
+            elements="dict",
+            default=[],
+            options=dict(service=dict(type="str", required=True), replicas=dict(type="int", required=True)),
+        ),
+        settings=dict(type="list", elements="dict", default=[]),
+        heartbeat=dict(type="bool", default=False),
         fail_when_busy=dict(type="bool", default=False),
     )
 
@@ -376,12 +435,20 @@ def main():
     module = AnsibleModule(argument_spec=argument_spec(), required_if=[("state", "released", ("holder",))], supports_check_mode=True)
     params = module.params
     lease = LeaseFile(params["path"])
-    for name in ("acted", "floors", "bounds"):
+    for name in ("acted", "floors", "bounds", "desired", "settings"):
         if params["state"] == "acquired" and params[name]:
             module.fail_json(msg=f"{name} is recorded when the lease is given back: pass it with state=released")
     try:
         if params["state"] == "released":
-            result = lease.release(params["holder"], params["acted"], check_mode=module.check_mode, floors=params["floors"], bounds=params["bounds"])
+            result = lease.release(
+                params["holder"],
+                params["acted"],
+                check_mode=module.check_mode,
+                floors=params["floors"],
+                bounds=params["bounds"],
+                desired=params["desired"],
+                settings=params["settings"],
+            )
         else:
             run = current_run()
             result = lease.acquire(
@@ -397,6 +464,14 @@ def main():
         module.fail_json(msg=str(error))
     if params["state"] == "acquired" and not result["acquired"] and params["fail_when_busy"]:
         module.fail_json(msg=busy_message(params["path"], result), **result)
+    if params["state"] == "acquired":
+        result["renewer_pid"] = None
+        if params["heartbeat"] and result["acquired"] and not result["renewed"] and not module.check_mode:
+            try:
+                result["renewer_pid"] = start_renewer(params["path"], result["holder"], params["ttl"], run)
+            except LeaseError as error:
+                lease.release(result["holder"])
+                module.fail_json(msg=str(error))
     module.exit_json(**result)
 
 

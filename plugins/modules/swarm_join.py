@@ -28,6 +28,7 @@ author:
   - mlfleet.serving maintainers (@mlfleet)
 extends_documentation_fragment:
   - mlfleet.serving.docker_api
+  - mlfleet.serving.scale_lease
 attributes:
   check_mode:
     description: Can run in check_mode and return changed status prediction without modifying target.
@@ -224,6 +225,7 @@ from contextlib import ExitStack
 
 from ansible.module_utils.basic import AnsibleModule, missing_required_lib
 
+from ansible_collections.mlfleet.serving.plugins.module_utils._lease import fence_argument_spec, fence_module
 from ansible_collections.mlfleet.serving.plugins.module_utils._swarm import (
     DOCKER_IMPORT_ERROR,
     POOL_LABEL,
@@ -250,6 +252,7 @@ TOKEN_REJECTIONS = ("join token", "fingerprint", "invalidargument", "certificate
 
 def argument_spec():
     spec = docker_api_argument_spec()
+    spec.update(fence_argument_spec())
     spec.update(
         managers=dict(type="list", elements="str", required=True),
         state=dict(type="str", choices=["present", "absent"], default="present"),
@@ -653,6 +656,7 @@ def main():
     module = AnsibleModule(argument_spec=argument_spec(), supports_check_mode=True)
     if DOCKER_IMPORT_ERROR:
         module.fail_json(msg=missing_required_lib("docker"), exception=DOCKER_IMPORT_ERROR)
+    fence_module(module)
     try:
         result = SwarmJoin(module).run()
     except SwarmError as e:

@@ -21,6 +21,7 @@ author:
   - mlfleet.serving maintainers (@mlfleet)
 extends_documentation_fragment:
   - mlfleet.serving.docker_api
+  - mlfleet.serving.scale_lease
 attributes:
   check_mode:
     description: Can run in check_mode and return changed status prediction without modifying target.
@@ -108,6 +109,7 @@ import time
 
 from ansible.module_utils.basic import AnsibleModule, missing_required_lib
 
+from ansible_collections.mlfleet.serving.plugins.module_utils._lease import fence_argument_spec, fence_module
 from ansible_collections.mlfleet.serving.plugins.module_utils._swarm import (
     DOCKER_IMPORT_ERROR,
     DockerEndpoint,
@@ -126,6 +128,7 @@ QUOTED_REASONS = 5
 
 def argument_spec():
     spec = docker_api_argument_spec()
+    spec.update(fence_argument_spec())
     spec.update(
         name=dict(type="str", required=True),
         replicas=dict(type="int", required=True),
@@ -244,6 +247,7 @@ def main():
         module.fail_json(msg=f"replicas must be 0 or more, got {module.params['replicas']}; give the number of tasks service {module.params['name']} runs")
     if module.params["wait_timeout"] < 0:
         module.fail_json(msg=f"wait_timeout must be 0 or more seconds, got {module.params['wait_timeout']}")
+    fence_module(module)
     try:
         with DockerEndpoint.from_params(module.params) as endpoint:
             result = run(module, endpoint)

@@ -268,13 +268,14 @@ nodes:
 
 from ansible.module_utils.basic import AnsibleModule, missing_required_lib
 
-from ansible_collections.mlfleet.serving.plugins.module_utils._scale_plan import normalise, plan_scale_in, plan_scale_out
+from ansible_collections.mlfleet.serving.plugins.module_utils._scale_plan import plan_scale_in, plan_scale_out
 from ansible_collections.mlfleet.serving.plugins.module_utils._swarm import (
     DOCKER_IMPORT_ERROR,
     DockerEndpoint,
     SwarmError,
     docker_api_argument_spec,
 )
+from ansible_collections.mlfleet.serving.plugins.module_utils._swarm_read import read_swarm
 
 
 def argument_spec():
@@ -293,22 +294,6 @@ def argument_spec():
         protected=dict(type="list", elements="str", default=[]),
     )
     return spec
-
-
-def read_swarm(endpoint):
-    """The swarm's nodes, services and tasks, normalised; the nodes carry their running tasks per service."""
-    client = endpoint.client
-    node_records = endpoint.call("Listing nodes (the endpoint must be a manager)", client.nodes)
-    service_records = endpoint.call("Listing services", client.services)
-    task_records = endpoint.call("Listing tasks", client.tasks, filters={"desired-state": "running"})
-    nodes, services, tasks = normalise(node_records, service_records, task_records)
-    for node in nodes:
-        running = {}
-        for task in tasks:
-            if task["node_id"] == node["node_id"] and task["state"] == "running":
-                running[task["service"]] = running.get(task["service"], 0) + 1
-        node["running_tasks"] = running
-    return nodes, services, tasks
 
 
 def plan(params, nodes, services, tasks):

@@ -162,10 +162,21 @@ def audit_events(state: Path, **match) -> list[dict]:
     return [e for e in events if all(e.get(k) == v for k, v in match.items())]
 
 
-def swarm_nodes(manager_container: str) -> list[dict]:
-    """The swarm's nodes as the manager sees them: hostname, role, status, availability, vmid."""
-    ids = run(["docker", "exec", manager_container, "docker", "node", "ls", "-q"]).stdout.split()
-    nodes = json.loads(run(["docker", "exec", manager_container, "docker", "node", "inspect", *ids]).stdout)
+def swarm_nodes(manager_container: str, attempts: int = 5) -> list[dict]:
+    """The swarm's nodes as the manager sees them: hostname, role, status, availability, vmid.
+
+    A scale-in can remove a node between the listing and the inspection ("No such node"): list again, a few times."""
+    for _attempt in range(attempts):
+        ids = run(["docker", "exec", manager_container, "docker", "node", "ls", "-q"]).stdout.split()
+        result = run(["docker", "exec", manager_container, "docker", "node", "inspect", *ids], check=False)
+        if result.returncode == 0:
+            break
+        if "No such node" not in result.stderr:
+            raise AssertionError(f"docker node inspect {' '.join(ids)} exited {result.returncode}: {result.stderr}")
+        time.sleep(0.5)
+    else:
+        raise AssertionError(f"the swarm's nodes changed under {attempts} listings in a row: {result.stderr}")
+    nodes = json.loads(result.stdout)
     return [
         {
             "hostname": n["Description"]["Hostname"],

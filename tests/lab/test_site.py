@@ -73,9 +73,14 @@ def site(tmp_path_factory):
                 "mlfleet_workers": {"count": 2, "max_count": 3, "cores": 2, "memory": 6144,
                                     "ip_range": {"start": f"{SUBNET_PREFIX}.20", "end": f"{SUBNET_PREFIX}.59", "prefix": 24, "gateway": gateway}},
                 "mlfleet_nameserver": gateway,
-                # Small steps and short cooldowns, so that one test sees replicas, a VM and the way back.
-                "mlfleet_autoscale": {"services": {"resnet18": {"min": 2, "max": 8, "step": 3}, "densenet161": {"min": 1, "max": 3, "step": 1}},
+                # Small steps, short cooldowns and stabilization, so that one test sees replicas, a VM and the way back. resnet18
+                # is sized for half a request per replica: the autoscaler test's 10 clients (the proxy sees 6 or more of them
+                # at a poll) desire its maximum of 8 at once, in one decision (max_scale_up 6), and only 7 fit on the two
+                # workers, so that decision also grows the pool.
+                "mlfleet_autoscale": {"services": {"resnet18": {"min": 2, "max": 8, "step": 3, "target_per_replica": 0.5, "max_scale_up": 6},
+                                                   "densenet161": {"min": 1, "max": 3, "step": 1}},
                                       "cooldown": {"scale_out": 10, "scale_in": 15, "scale_in_after_scale_out": 20},
+                                      "stabilization": {"scale_in": 20},
                                       "lease": {"path": str(state / "autoscale.lease")}},
             }
         )
@@ -572,7 +577,8 @@ def test_autoscaler_scales_out_to_a_new_vm_under_load_and_back_in_dropping_nothi
         lines = [f"  {e['time']} {e['service']} {e['action']} {e['decision']}: {e['reason']} {e['values']} {e['fields']}" for e in events]
         return "\n".join(["scale decisions since the test began:", *lines, "the autoscaler's output ends:", autoscaler.output()[-3000:]])
 
-    # 10 clients: 5 per replica at first, 2 on 5 (above the threshold of 1.5, so the next step needs a VM), 1.25 on 8.
+    # 10 clients: 5 per replica at first, so the first decision asks for the maximum of 8 at once (7 fit on the two
+    # workers: it grows the pool), then 1.25 on 8, below the threshold of 1.5.
     # The proxy's in-flight count must stay above the threshold at every poll of out_for seconds, while a closed-loop
     # client is at times between two requests: with 8 clients (1.6 on 5) a VM scale-out waited minutes for that.
     with Load(endpoint, "resnet18", body.data, body.content_type, clients=10, max_requests=40000, max_seconds=900) as burst:
@@ -658,12 +664,14 @@ def test_a_scale_out_killed_after_the_clone_and_a_scale_in_killed_after_the_drai
     lab = site["env"]["MLFLEET_LAB_NAME"]
     # Steps that need a VM at once; a short lease, so that the run after a kill takes over the dead run's lease.
     settings = {"services": {"resnet18": {"min": 2, "max": 8, "step": 6}}, "cooldown": {"scale_out": 0, "scale_in": 0, "scale_in_after_scale_out": 0},
-                "lease": {"path": str(site["state"] / "autoscale.lease"), "ttl": 15, "wait": 90}}  # fmt: skip
+                "stabilization": {"scale_in": 0}, "lease": {"path": str(site["state"] / "autoscale.lease"), "ttl": 15, "wait": 90}}  # fmt: skip
     vms_before = running_vm_vmids(lab)
     # A serving_pressure event whose backlog drains within workers.time_to_serve clones nothing, and says why.
     draining = {"source": "serving_pressure", "action": "scale_out", "service": "resnet18", "received_at": time.time(),
                 "values": {"backlog": 120, "backlog_trend": -2.5, "trend_s": 30.0, "drain_s": 41.6}}  # fmt: skip
-    output = finish(scale_playbook(site, "scale_out", settings | {"workers": {"time_to_serve": 60}}, ansible_eda={"event": draining}))
+    # The backlog of 120 desires the maximum of 8 in one decision (max_scale_up 8), more than fit on the two workers.
+    at_once = {"services": {"resnet18": settings["services"]["resnet18"] | {"max_scale_up": 8}}, "workers": {"time_to_serve": 60}}
+    output = finish(scale_playbook(site, "scale_out", settings | at_once, ansible_eda={"event": draining}))
     held = [e for e in audit_events(site["state"], kind="scale", service="resnet18") if e["values"].get("drain_s") == 41.6]
     assert [(e["action"], e["decision"], e["source"]) for e in held] == [("scale_out", "not_acted", "serving_pressure")], held
     assert "no new VMs: the backlog of 120 requests falls by 2.5/s and is down in about 42 s" in held[0]["reason"], held[0]["reason"]

@@ -986,3 +986,143 @@ def test_real_ansible_rulebook_loads_the_source_and_matches_its_events(haproxy, 
     assert event["fingerprint"] == hashlib.sha256(b"serving_pressure:resnet18:scale_in").hexdigest()[:16]
     assert event["values"]["window_s"] == 0.4
     assert STATS_TOKEN not in output
+
+
+# --- no event for a run that could only decide not to act --------------------------------------------------------------
+
+RECORDED = {"cooldown": {"scale_out": 30, "scale_in": 120, "scale_in_after_scale_out": 300}, "target_per_replica": 4.0, "min": 1, "max": 8}
+
+
+@pytest.mark.parametrize(
+    ("action", "backlog", "up", "last_actions", "recorded"),
+    [
+        (action, backlog, up, last_actions, recorded)
+        for action in ("scale_out", "scale_in")
+        for backlog, up in ((0, 2), (7, 2), (8, 2), (9, 2), (12, 3), (13, 3), (40, 4), (3, 0))
+        for last_actions in (
+            {},
+            {"resnet18:scale_out": T0 - 10},
+            {"resnet18:scale_out": T0 - 200},
+            {"resnet18:scale_in": T0 - 100},
+            {"resnet18:scale_in": T0 - 130},
+        )
+        for recorded in (RECORDED, RECORDED | {"target_per_replica": 1.5}, {"cooldown": {"scale_out": 0, "scale_in": 0, "scale_in_after_scale_out": 0}})
+    ],
+)
+def test_an_event_is_held_back_exactly_when_the_decision_core_would_not_act(action, backlog, up, last_actions, recorded):
+    """The source's copy of the playbooks' rules against the decision core itself (module_utils/_scale_decision.py): on a
+    swarm whose service runs as many replicas as servers are up, with room for more, the core does not act exactly when
+    the source holds the event back."""
+    from ansible_collections.mlfleet.serving.plugins.module_utils import _scale_decision as core
+
+    figures = sp.BackendFigures(servers=up, servers_up=up, inflight=backlog, queued=0, rtime_ms=0, qtime_ms=0, rate=0, hrsp_5xx=0)
+    noop = sp.noop_reason("resnet18", action, figures, T0, recorded, last_actions)
+    settings = core.effective_settings(
+        {"replicas": {"min": 0, "max": 64, "target_per_replica": recorded.get("target_per_replica", 4.0), "max_scale_up": 64, "step": 1},
+         "cooldown": recorded["cooldown"], "stabilization": {"scale_in": 0}},
+        "resnet18",
+        {"min": 1, "max": 1, "cores": 64},
+    )  # fmt: skip
+    worker = {"node_id": "w1", "hostname": "w1", "role": "worker", "availability": "active", "status": "ready", "cpus": 64.0,
+              "labels": {}, "platform": {"os": "linux", "arch": "x86_64"}, "vmid": 121, "pool": None}  # fmt: skip
+    swarm = {
+        "nodes": [worker],
+        "services": {"resnet18": {"replicas": up, "cpus": 1.0, "constraints": [], "max_per_node": 0, "mode": "replicated"}},
+        "tasks": [{"service": "resnet18", "node_id": "w1", "state": "running"}] * up,
+    }
+    event = {"source": "serving_pressure", "received_at": T0, "values": {"backlog": backlog}}
+    request = {"action": action, "direction": action, "service": "resnet18", "event": event}
+    plan = core.decide(request, settings, {"last_actions": last_actions}, swarm, [121], now=T0)
+    if up == 0:
+        # No server up: the source never holds back on demand, and the core sizes from the backlog alone.
+        assert noop is None or noop[0] == "cooldown"
+        return
+    if noop is not None:
+        assert plan["decision"] == "none", (noop, plan["reason"])
+    elif "target_per_replica" in recorded and (action == "scale_out" or core.desired_replicas(backlog, settings["target_per_replica"]) < up):
+        # What the source lets through acts, where it knows the target: a scale-in the source lets through may still find
+        # that the demand needs every replica. Without a recorded target it holds back only on cooldowns.
+        assert plan["decision"] == "act", plan["reason"]
+    assert (noop is not None and noop[0] == "cooldown") == (core.cooldown_left(action, "resnet18", settings, last_actions, T0)[0] > 0)
+
+
+def test_an_event_in_a_cooldown_stays_due_and_goes_out_at_the_first_poll_after_it():
+    tracker = sp.PressureTracker(out_for=6, repeat_after=30)
+    # The last scale-out ended at 0 and its settings say 20 s of cooldown; the window from 2 is met at 8.
+    settings = {"resnet18": RECORDED | {"cooldown": {"scale_out": 20, "scale_in": 0, "scale_in_after_scale_out": 0}}}
+    events, suppressed = [], []
+    for second in range(0, 40, 2):
+        events += [(second, e) for e in tracker.observe(poll_rows(per_server=8.0), T0 + second, settings=settings, acted={"resnet18:scale_out": T0 - 30})]
+        suppressed += [(second, key) for _service, _action, key, _reason, _values in tracker.suppressed]
+    assert seconds(events) == [8, 38], "the cooldown ended 10 s before the window: nothing held back"
+    tracker = sp.PressureTracker(out_for=6, repeat_after=5)
+    events, suppressed = [], []
+    for second in range(0, 22, 2):
+        events += [(second, e) for e in tracker.observe(poll_rows(per_server=8.0), T0 + second, settings=settings, acted={"resnet18:scale_out": T0 - 3})]
+        suppressed += [(second, key) for _service, _action, key, _reason, _values in tracker.suppressed]
+    # The scale-out ended 3 s before 0: due at 8 (the window from 2), cooling down until 17, out at the poll at 18.
+    assert seconds(events) == [18], events
+    assert suppressed == [(8, "cooldown"), (10, "cooldown"), (12, "cooldown"), (14, "cooldown"), (16, "cooldown")]
+
+
+def test_a_backlog_the_servers_up_meet_is_not_asked_for_until_it_grows():
+    tracker = sp.PressureTracker(out_threshold=2.0, out_for=4, repeat_after=10)
+    settings = {"resnet18": RECORDED}
+    schedule = [(second, poll_rows(per_server=3.0 if second < 20 else 5.0, up=2)) for second in range(0, 30, 2)]
+    events, suppressed = [], []
+    for second, rows in schedule:
+        events += [(second, e) for e in tracker.observe(rows, T0 + second, settings=settings)]
+        suppressed += [(second, key, reason) for _service, _action, key, reason, _values in tracker.suppressed]
+    # 6 in flight on 2 servers at 4 per replica need 2: met until the load grows to 10 at 20, which needs 3.
+    assert seconds(events) == [20], events
+    assert payloads(events)[0]["values"]["backlog"] == 10
+    assert {key for _second, key, _reason in suppressed} == {"demand_met"}
+    assert suppressed[0][2] == "resnet18: 6 requests in flight and queued need 2 replicas at 4 each; 2 serve"
+    # Without recorded settings (no scale run yet), nothing is held back.
+    assert seconds(run(sp.PressureTracker(out_threshold=2.0, out_for=4, repeat_after=10), schedule)) == [6, 16, 26]
+
+
+def test_suppressed_decisions_are_summarised_once_a_minute_per_service_action_and_reason(tmp_path):
+    log = tmp_path / "audit" / "audit.jsonl"
+    summary = sp.SuppressedDecisions(str(log), "lab")
+    for second in range(0, 130, 2):
+        summary.add([("resnet18", "scale_out", "demand_met", f"met at {second}", {"backlog": second})], T0 + second)
+        if second < 10:
+            summary.add([("densenet161", "scale_in", "cooldown", "cooling down", {"backlog": 0})], T0 + second)
+        summary.write(summary.due(T0 + second))
+    summary.write(summary.due(T0 + 130, everything=True))
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [(r["service"], r["action"], r["fields"]["suppressed"]) for r in records] == [
+        ("densenet161", "scale_in", 5),
+        ("resnet18", "scale_out", 31),
+        ("resnet18", "scale_out", 31),
+        ("resnet18", "scale_out", 3),
+    ]
+    first = records[0]
+    assert (first["kind"], first["decision"], first["source"], first["cluster"]) == ("scale", "not_acted", "serving_pressure", "lab")
+    assert first["values"] == {"backlog": 0, "suppressed": True, "suppressed_because": "cooldown"}
+    assert first["reason"] == "not emitted 5 times in 60 s, the run could only decide not to act: cooling down"
+    assert records[1]["values"]["backlog"] == 60, "the figures of the last poll of the minute"
+    assert oct(log.stat().st_mode & 0o777) == "0o600"
+    # The records have the playbooks' audit events' keys, and the playbooks' audit code reads them all back.
+    from ansible_collections.mlfleet.serving.plugins.module_utils import _audit
+
+    assert list(first) == list(_audit.EVENT_KEYS)
+    assert _audit.parse_time(first["time"]) > 0
+    with open(log, "rb") as handle:
+        read, broken = _audit.read_events(handle)
+    assert (len(read), broken) == (4, 0)
+
+
+def test_main_holds_back_what_the_recorded_settings_say_cannot_act_and_writes_the_summary(stub, tmp_path, lease_module):
+    path = tmp_path / "autoscale.lease"
+    log = tmp_path / "audit.jsonl"
+    lease = lease_module.LeaseFile(str(path))
+    lease.try_acquire("ctl:1:cafe", ttl=60)
+    # The captured poll: 12 in flight and queued on 2 servers; at 8 per replica, 2 replicas meet it.
+    lease.release("ctl:1:cafe", settings=[{"service": "resnet18", "target_per_replica": 8.0, "cooldown": {"scale_out": 0}}])
+    events = asyncio.run(run_source({"url": stub.url, "lease_file": str(path), "audit_log": str(log)} | FAST, 0.8))
+    assert events == []
+    (record,) = [json.loads(line) for line in log.read_text().splitlines()]
+    assert (record["service"], record["action"], record["values"]["suppressed_because"]) == ("resnet18", "scale_out", "demand_met")
+    assert record["fields"]["suppressed"] >= 5

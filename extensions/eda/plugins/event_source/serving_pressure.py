@@ -9,6 +9,7 @@ function parse_stats_csv; main() only polls and puts events on the queue.
 
 import asyncio
 import csv
+import fcntl
 import hashlib
 import json
 import logging
@@ -61,6 +62,16 @@ description:
   - "With O(lease_file), an event that falls due while a scale action holds the scale playbooks' lease is held back, not
     dropped: its window stays met, and it goes out at the first poll after the lease is given back (or expires) if the
     condition still holds. A run started during the lease would only be turned away by it."
+  - "With O(lease_file), an event whose scale run could only decide not to act is not emitted: a run costs the control
+    host seconds of CPU, taken from the serving workers. The last scale run of the service records its effective
+    settings in the file (C(settings)); by the playbooks' own rules (C(module_utils/_scale_decision.py)) an event is not
+    emitted while the service's cooldown in that direction holds (for C(scale_in), also the wait after a scale-out), nor
+    a C(scale_out) whose backlog the servers up already meet (C(ceil(backlog / target_per_replica)) replicas or fewer).
+    It stays due and goes out at the first poll at which its run could act. A service without recorded settings is never
+    held back this way."
+  - "With O(audit_log), those events are summarised in the playbooks' JSON-lines audit trail: one record per service,
+    action and reason per minute, with C(decision) V(not_acted), C(values.suppressed) V(true) and the count in
+    C(fields.suppressed)."
   - A failed poll (refused connection, timeout, TLS error, HTTP 401, malformed CSV) is logged as a warning without the
     token and never produces a scale event; after it, every window starts again. A backend that was not in the previous
     poll is only observed, never acted on. Backends without servers (such as the proxy's C(no_such_model)) are skipped.
@@ -189,6 +200,12 @@ options:
         is not the lease's JSON is reported (once a minute) and ignored, since the playbooks' lease still keeps to one
         action at a time.
     type: path
+  audit_log:
+    description:
+      - The playbooks' JSON-lines audit trail on this host (the inventory's C(mlfleet_audit_log)), where the events not
+        emitted because their run could only decide not to act are summarised (see above). Written under the same
+        exclusive lock as the playbooks' records. Without it, they are only logged.
+    type: path
 """
 
 EXAMPLES = r"""
@@ -249,6 +266,8 @@ class LeaseState:
     last_actions: dict[str, float] = field(default_factory=dict)
     # Per service, the most replicas its last scale run kept it to.
     max_replicas: dict[str, int] = field(default_factory=dict)
+    # Per service, the effective settings its last scale run decided with (cooldown, target_per_replica, ...).
+    settings: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 def run_ended(run: Any) -> bool:
@@ -289,16 +308,20 @@ def read_lease(path: str, now: float) -> LeaseState:
     if not isinstance(bounds, dict) or not all(isinstance(entry, dict) and isinstance(entry.get("max"), int) for entry in bounds.values()):
         raise LeaseReadError(f"the lease file {path} is not the scale playbooks' lease (bounds is not a map of replica bounds)")
     maxima = {str(service): entry["max"] for service, entry in bounds.items()}
+    recorded = data.get("settings", {})
+    if not isinstance(recorded, dict) or not all(isinstance(entry, dict) for entry in recorded.values()):
+        raise LeaseReadError(f"the lease file {path} is not the scale playbooks' lease (settings is not a map of settings)")
+    known = {"last_actions": acted, "max_replicas": maxima, "settings": {str(service): dict(entry) for service, entry in recorded.items()}}
     lease = data["lease"]
     if lease is None:
-        return LeaseState(last_actions=acted, max_replicas=maxima)
+        return LeaseState(**known)
     if not isinstance(lease, dict) or not isinstance(lease.get("expires_at"), int | float):
         raise LeaseReadError(f"the lease file {path} is not the scale playbooks' lease (no lease.expires_at); is lease_file mlfleet_autoscale.lease.path?")
     if lease["expires_at"] <= now or run_ended(lease.get("run")):
-        return LeaseState(last_actions=acted, max_replicas=maxima)
+        return LeaseState(**known)
     holder = str(lease.get("holder", "?"))
     description = f"{holder} ({lease.get('reason') or 'no reason given'}), for {lease['expires_at'] - now:.0f} s more at most"
-    return LeaseState(holder, description, acted, maxima)
+    return LeaseState(holder, description, **known)
 
 
 @dataclass(frozen=True)
@@ -477,6 +500,39 @@ def drain_seconds(figures: BackendFigures, trend: Trend | None, out_threshold: f
     return excess / -trend.per_s
 
 
+def _seconds(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
+        return None
+    return float(value)
+
+
+def noop_reason(service: str, action: str, figures: BackendFigures, now: float, recorded: dict[str, Any], acted: dict[str, float]) -> tuple[str, str] | None:
+    """``(key, reason)`` when a scale run for this event could only decide not to act, else None.
+
+    The playbooks' own rules (``cooldown_left`` and ``desired_replicas`` in plugins/module_utils/_scale_decision.py,
+    which ansible-rulebook cannot import here; a test keeps the two equal), applied to ``recorded``, the settings the
+    service's last scale run decided with, and ``acted``, the lease file's last_actions. Only what is certain from here:
+    the servers up are at most the service's replicas, so a backlog they meet is one the run finds met.
+    """
+    cooldown = recorded.get("cooldown") if isinstance(recorded.get("cooldown"), dict) else {}
+
+    def waits(direction: str, setting: str) -> float:
+        length, last = _seconds(cooldown.get(setting)), acted.get(f"{service}:{direction}")
+        return 0.0 if length is None or last is None else length - (now - last)
+
+    left = max(waits(action, action), waits(SCALE_OUT, "scale_in_after_scale_out") if action == SCALE_IN else 0.0, 0.0)
+    if left > 0:
+        return "cooldown", f"{service}: {action} is cooling down for {math.ceil(left)} s more"
+    target = _seconds(recorded.get("target_per_replica"))
+    if action == SCALE_OUT and target and figures.servers_up > 0:
+        desired = max(0, math.ceil(figures.backlog / target - 1e-9))
+        if desired <= figures.servers_up:
+            return "demand_met", (
+                f"{service}: {figures.backlog} requests in flight and queued need {desired} replicas at {target:g} each; {figures.servers_up} serve"
+            )
+    return None
+
+
 @dataclass
 class PressureTracker:
     """The decisions, free of I/O and clocks: feed it every poll's rows with the poll's time, get the events to emit."""
@@ -502,6 +558,12 @@ class PressureTracker:
     _acted: dict[str, float] = field(default_factory=dict, init=False, repr=False)
     # Per service, the most replicas its last scale run kept it to (the lease file's bounds), as last given.
     _max_replicas: dict[str, int] = field(default_factory=dict, init=False, repr=False)
+    # Per service, the settings its last scale run decided with (the lease file's settings), as last given.
+    _settings: dict[str, dict[str, Any]] = field(default_factory=dict, init=False, repr=False)
+    # The events the last observe() did not emit because their run could only decide not to act:
+    # (service, action, reason key, reason, values).
+    suppressed: list[tuple[str, str, str, str, dict[str, Any]]] = field(default_factory=list, init=False, repr=False)
+    _due_noops: set[tuple[str, str]] = field(default_factory=set, init=False, repr=False)
 
     def watched(self, name: str, figures: BackendFigures) -> bool:
         if figures.servers == 0:
@@ -518,18 +580,29 @@ class PressureTracker:
             window.began = window.counting_from = None
 
     def observe(
-        self, rows: list[StatsRow], now: float, hold: bool = False, acted: dict[str, float] | None = None, max_replicas: dict[str, int] | None = None
+        self,
+        rows: list[StatsRow],
+        now: float,
+        hold: bool = False,
+        acted: dict[str, float] | None = None,
+        max_replicas: dict[str, int] | None = None,
+        settings: dict[str, dict[str, Any]] | None = None,
     ) -> list[dict[str, Any]]:
         """Take one poll's rows, seen at ``now`` (epoch seconds); return the events it causes.
 
         ``hold``: a scale action is running; an event that falls due is not emitted and stays due (see held_back).
         ``acted``: when each ``<service>:<action>`` last acted (epoch seconds): such an end restarts the window and the
         repeat wait as an event would. ``max_replicas``: per service, the most replicas its last scale run kept it to; a
-        service with as many servers up asks for scale_out only every in_repeat_after seconds.
+        service with as many servers up asks for scale_out only every in_repeat_after seconds. ``settings``: per service,
+        the settings its last scale run decided with; an event whose run could only decide not to act (``noop_reason``)
+        is not emitted and stays due (see suppressed).
         """
         self.held_back = []
+        self.suppressed = []
+        self._due_noops = set()
         self._acted = acted or {}
         self._max_replicas = max_replicas or {}
+        self._settings = settings or {}
         current = backend_figures(rows)
         self._report_missing(current)
         events = []
@@ -548,10 +621,13 @@ class PressureTracker:
             at_maximum = name in self._max_replicas and figures.servers_up >= self._max_replicas[name]
             for action, holds, window_s in ((SCALE_OUT, overloaded, self.out_for), (SCALE_IN, idle, self.in_for)):
                 slow = action == SCALE_IN or at_maximum
-                began = self._step(name, action, holds, window_s, now, hold, slow)
+                noop = noop_reason(name, action, figures, now, self._settings[name], self._acted) if holds and name in self._settings else None
+                began = self._step(name, action, holds, window_s, now, hold, slow, noop is not None)
+                values = _values(figures, errors, history.trend(), self.out_threshold) | {"window_s": window_s}
                 if began is not None:
-                    values = _values(figures, errors, history.trend(), self.out_threshold) | {"window_s": window_s, "held_s": round(now - began, 3)}
-                    events.append(self._event(name, action, began, now, values))
+                    events.append(self._event(name, action, began, now, values | {"held_s": round(now - began, 3)}))
+                elif noop is not None and (name, action) in self._due_noops:
+                    self.suppressed.append((name, action, *noop, values))
         for (name, _action), window in self._windows.items():
             if name not in current:
                 window.began = window.counting_from = None
@@ -560,9 +636,12 @@ class PressureTracker:
         self._previous = current
         return events
 
-    def _step(self, service: str, action: str, holds: bool, window_s: float, now: float, hold: bool = False, slow: bool = False) -> float | None:
+    def _step(
+        self, service: str, action: str, holds: bool, window_s: float, now: float, hold: bool = False, slow: bool = False, noop: bool = False
+    ) -> float | None:
         """Advance one service+action's window; when an event is due, return since when its condition holds. ``slow``:
-        at most one event per in_repeat_after rather than repeat_after."""
+        at most one event per in_repeat_after rather than repeat_after. ``noop``: its run could only decide not to act;
+        a due event stays due (noted in _due_noops) and is not emitted."""
         window = self._windows.setdefault((service, action), _Window())
         if not holds:
             window.began = window.counting_from = None
@@ -581,6 +660,9 @@ class PressureTracker:
             return None
         repeat_after = self.in_repeat_after if slow else self.repeat_after
         if last is not None and now - last < repeat_after:
+            return None
+        if noop:
+            self._due_noops.add((service, action))
             return None
         if hold:
             self.held_back.append((service, action))
@@ -659,6 +741,7 @@ ARGUMENTS: dict[str, tuple[str, Any]] = {
     "ignore_backends": ("list", ("stats",)),
     "cluster": ("str", None),
     "lease_file": ("path", None),
+    "audit_log": ("path", None),
 }
 BOOL_WORDS = {"true": True, "yes": True, "on": True, "1": True, "false": False, "no": False, "off": False, "0": False}
 
@@ -709,6 +792,7 @@ class Settings:
     interval: float
     tracker: PressureTracker
     lease_file: str | None = None
+    audit_log: str | None = None
 
 
 def _check_url(url: str, name: str, with_token: bool) -> str:
@@ -810,6 +894,7 @@ def parse_args(args: dict[str, Any]) -> Settings:
         interval=values["interval"],
         tracker=tracker,
         lease_file=values["lease_file"],
+        audit_log=values["audit_log"],
     )
 
 
@@ -883,6 +968,73 @@ class LeaseWatch:
                 logger.info("serving_pressure: %s for %s held back while a scale action holds the lease: %s", action, service, self.state.description)
 
 
+class SuppressedDecisions:
+    """The events not emitted because their run could only decide not to act, summarised: one audit record per service,
+    action and reason per ``period`` seconds, with the count, appended to the playbooks' JSON-lines audit trail (as
+    plugins/module_utils/_audit.py writes it: the log opened for appending, under an exclusive lock, one line, fsync)."""
+
+    def __init__(self, path: str | None, cluster: str | None, period: float = 60.0) -> None:
+        self.path = path
+        self.cluster = cluster or "mlfleet"
+        self.period = period
+        # (service, action, key) -> [first seen, count, last reason, last values]
+        self.pending: dict[tuple[str, str, str], list[Any]] = {}
+
+    def add(self, suppressed: list[tuple[str, str, str, str, dict[str, Any]]], now: float) -> None:
+        for service, action, key, reason, values in suppressed:
+            entry = self.pending.setdefault((service, action, key), [now, 0, reason, values])
+            entry[1] += 1
+            entry[2:] = [reason, values]
+
+    def due(self, now: float, everything: bool = False) -> list[dict[str, Any]]:
+        """The records of the summaries whose period has passed (or all, with ``everything``), taken out of pending."""
+        records = []
+        for (service, action, key), (first, count, reason, values) in sorted(self.pending.items()):
+            if not everything and now - first < self.period:
+                continue
+            del self.pending[(service, action, key)]
+            span = max(now - first, 0.0)
+            records.append(
+                {
+                    "time": datetime.fromtimestamp(now, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+                    "event_id": f"{SOURCE}:{service}:{action}:{key}:{first:.3f}",
+                    "kind": "scale",
+                    "action": action,
+                    "decision": "not_acted",
+                    "source": SOURCE,
+                    "service": service,
+                    "cluster": self.cluster,
+                    "reason": f"not emitted {count} times in {span:.0f} s, the run could only decide not to act: {reason}",
+                    "values": values | {"suppressed": True, "suppressed_because": key},
+                    "fields": {"suppressed": count, "suppressed_s": round(span, 1)},
+                }
+            )
+        return records
+
+    def write(self, records: list[dict[str, Any]]) -> None:
+        for record in records:
+            logger.info("serving_pressure: %s for %s: %s", record["action"], record["service"], record["reason"])
+        if not self.path or not records:
+            return
+        payload = b"".join((json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8") for record in records)
+        try:
+            os.makedirs(os.path.dirname(self.path) or ".", mode=0o700, exist_ok=True)
+            descriptor = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
+            with os.fdopen(descriptor, "a+b") as handle:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+                # A line cut short by a crash is closed first, so the new lines stand alone.
+                handle.seek(0, os.SEEK_END)
+                if handle.tell():
+                    handle.seek(-1, os.SEEK_END)
+                    if handle.read(1) != b"\n":
+                        handle.write(b"\n")
+                handle.write(payload)
+                handle.flush()
+                os.fsync(handle.fileno())
+        except OSError as exc:
+            logger.warning("serving_pressure: cannot append to the audit log %s: %s", self.path, exc.strerror)
+
+
 def _clock():
     """Epoch seconds that never jump with the wall clock (the windows are measured with it)."""
     wall, mono = time.time(), time.monotonic()
@@ -898,6 +1050,7 @@ async def main(queue: asyncio.Queue[Any], args: dict[str, Any]) -> None:
     failures = consecutive_failures = 0
     last_warning: tuple[str, float] | None = None
     lease_watch = LeaseWatch(settings.lease_file)
+    suppressed = SuppressedDecisions(settings.audit_log, tracker.cluster)
     logger.info("serving_pressure: polling %s every %gs", ", ".join(u + settings.stats_path for u in settings.urls), settings.interval)
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=settings.timeout)) as session:
         try:
@@ -919,8 +1072,12 @@ async def main(queue: asyncio.Queue[Any], args: dict[str, Any]) -> None:
                         logger.info("serving_pressure: %s answers again after %d failed polls; windows start again", order[0], consecutive_failures)
                         consecutive_failures, last_warning = 0, None
                     lease = lease_watch.read(started)
-                    events = tracker.observe(rows, started, hold=lease.holder is not None, acted=lease.last_actions, max_replicas=lease.max_replicas)
+                    events = tracker.observe(
+                        rows, started, hold=lease.holder is not None, acted=lease.last_actions, max_replicas=lease.max_replicas, settings=lease.settings
+                    )
                     lease_watch.report(tracker.held_back, started)
+                    suppressed.add(tracker.suppressed, started)
+                    suppressed.write(suppressed.due(started))
                     for event in events:
                         event["received_at"] = time.time()
                         logger.info("serving_pressure: %s for %s: %s", event["action"], event["service"], event["values"])
@@ -928,6 +1085,7 @@ async def main(queue: asyncio.Queue[Any], args: dict[str, Any]) -> None:
                 await asyncio.sleep(max(0.0, settings.interval - (now() - started)))
         except asyncio.CancelledError:
             logger.info("serving_pressure: cancelled after %d failed polls", failures)
+            suppressed.write(suppressed.due(now(), everything=True))
             raise
 
 

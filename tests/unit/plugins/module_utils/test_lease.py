@@ -92,6 +92,8 @@ def test_a_free_lease_is_taken(lease, path):
         "last_actions": {},
         "floors": {},
         "bounds": {},
+        "settings": {},
+        "history": {},
         "now": T0,
     }
     assert stored(path) == {
@@ -100,6 +102,8 @@ def test_a_free_lease_is_taken(lease, path):
         "last_actions": {},
         "floors": {},
         "bounds": {},
+        "settings": {},
+        "history": {},
     }
 
 
@@ -241,6 +245,8 @@ def test_release_gives_the_lease_back_and_records_acted(lease, path):
         "last_actions": {"resnet18:scale_out": T0 + 20, "resnet18:scale_replicas": T0 + 20},
         "floors": {},
         "bounds": {},
+        "settings": {},
+        "history": {},
         "now": T0 + 20,
     }
     assert stored(path) == {
@@ -249,6 +255,8 @@ def test_release_gives_the_lease_back_and_records_acted(lease, path):
         "last_actions": {"resnet18:scale_out": T0 + 20, "resnet18:scale_replicas": T0 + 20},
         "floors": {},
         "bounds": {},
+        "settings": {},
+        "history": {},
     }
 
     again = lease.release("run-a", ["resnet18:scale_out"], now=T0 + 30)
@@ -749,3 +757,206 @@ def test_a_crashed_holder_is_taken_over_after_its_ttl(path):
     assert result["acquired"] and result["held_by"] == "next-run"
     assert result["taken_over"]["holder"] == "crashing-run" and result["taken_over"]["reason"] == "a run that will crash"
     assert result["taken_over"]["expires_at"] <= result["now"] and 0 < result["waited"] < 2
+
+
+# The scaler state: desired counts and effective settings
+
+
+def test_release_appends_the_desired_counts_to_the_history_and_keeps_the_settings(lease, path):
+    lease.try_acquire("run-a", 60, now=T0)
+    settings = [{"service": "resnet18", "min": 2, "max": 8, "target_per_replica": 4.0}]
+    lease.release("run-a", now=T0 + 5, desired=[{"service": "resnet18", "replicas": 6}], settings=settings)
+    lease.try_acquire("run-b", 60, now=T0 + 10)
+    result = lease.release("run-b", now=T0 + 15, desired=[{"service": "resnet18", "replicas": 4}, {"service": "densenet161", "replicas": 1}])
+    assert result["history"] == {"resnet18": [[T0 + 5, 6], [T0 + 15, 4]], "densenet161": [[T0 + 15, 1]]}
+    assert result["settings"] == {"resnet18": {"min": 2, "max": 8, "target_per_replica": 4.0}}
+    assert stored(path)["history"] == {"densenet161": [[T0 + 15, 1]], "resnet18": [[T0 + 5, 6], [T0 + 15, 4]]}
+    # Read back by a new reader, as the next run reads it.
+    assert _lease.LeaseFile(path).read()["history"]["resnet18"] == [[T0 + 5, 6], [T0 + 15, 4]]
+
+
+def test_a_release_after_a_takeover_records_no_desired_count(lease, path):
+    lease.try_acquire("run-a", 10, now=T0)
+    lease.try_acquire("run-b", 10, now=T0 + 20)
+    result = lease.release("run-a", now=T0 + 25, desired=[{"service": "resnet18", "replicas": 6}])
+    assert not result["released"] and result["history"] == {}
+
+
+@pytest.mark.parametrize(
+    ("entries", "kept"),
+    [
+        ([[T0 - 4000, 3], [T0 - 100, 5]], [[T0 - 100, 5]]),
+        ([[T0 - 3600, 3]], [[T0 - 3600, 3]]),
+        ([[T0 - 10, 4], [T0 - 20, 2]], [[T0 - 20, 2], [T0 - 10, 4]]),
+        ([[T0 - i, i % 7] for i in range(300)], [[T0 - i, i % 7] for i in reversed(range(200))]),
+    ],
+    ids=["older-than-an-hour-dropped", "an-hour-old-kept", "sorted-oldest-first", "at-most-200"],
+)
+def test_the_history_keeps_an_hour_and_200_entries_per_service(entries, kept):
+    assert _lease.prune_history(entries, T0) == kept
+
+
+@pytest.mark.parametrize(
+    ("data", "problem"),
+    [
+        ({"lease": None, "history": {"resnet18": [[T0, -1]]}}, "history['resnet18']: entry"),
+        ({"lease": None, "history": {"resnet18": [[T0]]}}, "is not [epoch seconds, replicas]"),
+        ({"lease": None, "history": {"resnet18": "6"}}, "history['resnet18']: not a list"),
+        ({"lease": None, "history": []}, "'history' is not an object"),
+        ({"lease": None, "settings": {"resnet18": 4}}, "'settings' is not an object of objects"),
+    ],
+)
+def test_a_history_or_settings_of_the_wrong_shape_is_named(data, problem):
+    assert problem in _lease.data_problem(data)
+
+
+@pytest.mark.parametrize(
+    ("desired", "message"),
+    [
+        ([{"replicas": 3}], "desired[0] must have a service"),
+        ([{"service": "resnet18", "replicas": -1}], "desired[0] (resnet18): replicas -1 is not a whole number"),
+        ([{"service": "resnet18", "replicas": 2.5}], "desired[0] (resnet18): replicas 2.5"),
+    ],
+)
+def test_a_bad_desired_count_is_refused_and_nothing_is_written(lease, path, desired, message):
+    lease.try_acquire("run-a", 60, now=T0)
+    before = content(path)
+    with pytest.raises(_lease.LeaseError, match=re.escape(message)):
+        lease.release("run-a", now=T0 + 5, desired=desired)
+    assert content(path) == before
+
+
+# Fencing and the heartbeat
+
+
+class Clock:
+    def __init__(self, now):
+        self.now = now
+
+    def time(self):
+        return self.now
+
+
+def test_fence_passes_only_the_holder_of_a_live_lease(lease, path):
+    with pytest.raises(LeaseError, match=re.escape(f"this run no longer holds the scale lease {path} (nobody holds it), so it stops acting here")):
+        _lease.fence(path, "run-a", clock=Clock(T0))
+    lease.try_acquire("run-a", 60, "scale_out resnet18", now=T0)
+    _lease.fence(path, "run-a", clock=Clock(T0 + 59))
+    with pytest.raises(LeaseError, match=re.escape("(it expired 1 s ago)")):
+        _lease.fence(path, "run-a", clock=Clock(T0 + 61))
+    lease.try_acquire("run-b", 60, "scale_in resnet18", now=T0 + 61)
+    with pytest.raises(LeaseError, match=re.escape("(run-b (scale_in resnet18) holds it)")):
+        _lease.fence(path, "run-a", clock=Clock(T0 + 62))
+
+
+def start_stand_in_run():
+    """A process standing in for an ansible-playbook run, named as current_run names one."""
+    process = subprocess.Popen(["sleep", "60"])
+    for _attempt in range(100):
+        started = _lease.process_start(process.pid)
+        if started is not None:
+            return process, {"host": socket.gethostname(), "pid": process.pid, "started": started}
+        time.sleep(0.01)
+    raise AssertionError("the stand-in run did not start")
+
+
+def renewer_alive(pid):
+    """Whether the renewer process runs (a zombie, left until its new parent reaps it, has ended)."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="utf-8") as handle:
+            return handle.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_the_renewer_keeps_the_lease_while_the_run_lives_and_ends_with_it(lease, path):
+    process, run = start_stand_in_run()
+    try:
+        lease.try_acquire("run-a", 0.9, run=run)
+        pid = _lease.start_renewer(path, "run-a", 0.9, run)
+        assert pid > 0 and pid != os.getpid()
+        # Three ttls later the lease is still live: renewed every 0.3 s.
+        time.sleep(2.7)
+        state = lease.read()
+        assert state["lease"]["holder"] == "run-a" and state["lease"]["expires_at"] > time.time(), state
+        assert state["lease"]["run"] == run, "a renewal keeps the run that took the lease"
+        assert renewer_alive(pid)
+    finally:
+        process.kill()
+        process.wait()
+    # The run is gone: the renewer stops within a third of the ttl, and the lease expires within the ttl.
+    deadline = time.monotonic() + 3
+    while renewer_alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not renewer_alive(pid)
+    time.sleep(1.0)
+    assert lease.read()["lease"]["expires_at"] < time.time()
+
+
+def test_the_renewer_stops_when_the_lease_is_no_longer_its_own(lease, path):
+    process, run = start_stand_in_run()
+    try:
+        lease.try_acquire("run-a", 0.6, run=run)
+        pid = _lease.start_renewer(path, "run-a", 0.6, run)
+        lease.release("run-a")
+        deadline = time.monotonic() + 3
+        while renewer_alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not renewer_alive(pid), "a released lease is not renewed"
+        assert lease.read()["lease"] is None
+    finally:
+        process.kill()
+        process.wait()
+
+
+class StepClock:
+    """sleep() moves time; the renewer's loop runs without waiting."""
+
+    def __init__(self):
+        self.slept = []
+
+    def sleep(self, seconds):
+        self.slept.append(seconds)
+
+
+@pytest.mark.parametrize(
+    ("events", "why"),
+    [
+        ({"ended_after": 3}, "run_ended"),
+        ({"taken_after": 2}, "lost"),
+        ({"released_after": 1}, "lost"),
+    ],
+)
+def test_why_the_renewer_stops(lease, path, monkeypatch, events, why):
+    lease.try_acquire("run-a", 30)
+    clock = StepClock()
+    calls = {"n": 0}
+
+    def ended(_run):
+        calls["n"] += 1
+        if calls["n"] == events.get("taken_after"):
+            lease.release("run-a")
+            lease.try_acquire("run-b", 30)
+        if calls["n"] == events.get("released_after"):
+            lease.release("run-a")
+        return calls["n"] >= events.get("ended_after", 10**9)
+
+    monkeypatch.setattr(_lease, "run_ended", ended)
+    assert _lease.renew_while_running(_lease.LeaseFile(path), "run-a", 30, {"host": "h", "pid": 1, "started": 1}, clock=clock) == why
+    # Renewed every ttl / 3 (10 s), the run looked at every second.
+    assert clock.slept and set(clock.slept) == {1.0}
+    assert len(clock.slept) == (3 if why == "run_ended" else 10)
+
+
+def test_a_renewal_extends_only_the_holders_own_lease_and_never_takes_a_free_one(lease, path):
+    assert not lease.renew("run-a", 30, now=T0), "no lease: nothing to renew"
+    assert lease.read()["lease"] is None
+    lease.try_acquire("run-a", 30, "scale_out resnet18", now=T0)
+    assert lease.renew("run-a", 30, now=T0 + 20)
+    renewed = lease.read()["lease"]
+    assert (renewed["expires_at"], renewed["reason"], renewed["acquired_at"]) == (T0 + 50, "scale_out resnet18", T0)
+    lease.release("run-a", now=T0 + 25)
+    assert not lease.renew("run-a", 30, now=T0 + 26), "given back: a late renewal must not take it again"
+    lease.try_acquire("run-b", 30, now=T0 + 27)
+    assert not lease.renew("run-a", 30, now=T0 + 28)
+    assert lease.read()["lease"]["holder"] == "run-b"

@@ -203,3 +203,22 @@ def test_an_update_the_manager_rejects_fails_with_its_reason(lab, clock, capsys,
     assert result["rc"] == 1
     reason = "rpc error: code = InvalidArgument desc = replicas must not exceed 1000"
     assert result["msg"] == f"Updating service resnet18 failed at unix:///run/fake/m1.sock: {reason}"
+
+
+def test_a_run_that_lost_the_scale_lease_changes_nothing(lab, clock, capsys, tmp_path):
+    from ansible_collections.mlfleet.serving.plugins.module_utils._lease import LeaseFile
+
+    path = str(tmp_path / "autoscale.lease")
+    lease = LeaseFile(path)
+    lease.try_acquire("run-a", 60)
+    held = scale(capsys, lab, 3, lease={"path": path, "holder": "run-a"})
+    assert held["rc"] == 0 and held["changed"], held.get("msg")
+    # run-a stalled, its lease expired and run-b took it over: run-a must not act beside it.
+    lease.release("run-a")
+    lease.try_acquire("run-b", 60, "scale_in resnet18 from serving_pressure")
+    lost = scale(capsys, lab, 5, lease={"path": path, "holder": "run-a"})
+    assert lost["failed"] and lost["lease_lost"]
+    assert lost["msg"].startswith(f"this run no longer holds the scale lease {path} (run-b (scale_in resnet18 from serving_pressure) holds it)")
+    assert lab.writes == [("update_service", "resnet18", 3, {})], "nothing written after the lease was lost"
+    # Check mode acts on nothing and is not fenced.
+    assert scale(capsys, lab, 5, lease={"path": path, "holder": "run-a"}, _ansible_check_mode=True)["rc"] == 0

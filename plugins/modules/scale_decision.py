@@ -1,0 +1,273 @@
+#!/usr/bin/python
+# Copyright (c) mlfleet.serving maintainers
+# GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
+
+from __future__ import annotations
+
+DOCUMENTATION = r"""
+module: scale_decision
+short_description: Decide a whole scale action of the autoscaler - replicas, VMs to add, exactly which VMs to remove
+version_added: 0.1.0
+description:
+  - The autoscaler's one decision core. From the event that triggered the run, the settings, the scaler state (the
+    lease file, as M(mlfleet.serving.scale_lease) returns it) and the swarm's nodes, services and tasks (read through one
+    manager), it returns the whole plan a scale playbook executes, or why it does not act. It never changes anything.
+  - Refuses an event older than C(max_event_age) seconds, keeps to the cooldowns (C(last_actions) of the scaler state)
+    and to the scheduled floors (a C(scale_schedule) event's own, and the highest live one the state records).
+  - "Demand-driven scaling: an event that carries the service's backlog (C(values.backlog), else C(values.inflight) +
+    C(values.queued), as the serving_pressure source sends) asks for C(ceil(backlog / target_per_replica)) replicas,
+    within C(min) and C(max). A scale-out goes there in one decision unless C(max_scale_up) stops it. An event without
+    demand (a Grafana alert, whose values are CPU means; a schedule; a run by hand) moves by C(step), which
+    C(max_scale_up) does not bound."
+  - "Scale-in stabilization: a scale-in goes no lower than the highest count desired within C(stabilization.scale_in)
+    seconds (the state's C(history), which M(mlfleet.serving.scale_lease) records from RV(record_desired)), so a dip in
+    the load removes nothing."
+  - Which replicas fit, which worker VMs to add and which workers can go are counted as M(mlfleet.serving.swarm_scale_plan)
+    counts them (CPU reservations, placement constraints, per-node maximum, protected workers, the pool's bounds).
+  - A demand-driven scale-out whose backlog is falling and gone within C(workers.time_to_serve) seconds (the event's
+    C(values.drain_s)) clones no VMs (RV(hold_vms)).
+author:
+  - mlfleet.serving maintainers (@mlfleet)
+extends_documentation_fragment:
+  - mlfleet.serving.docker_api
+attributes:
+  check_mode:
+    description: Can run in check_mode and return changed status prediction without modifying target.
+    support: full
+    details:
+      - The module only reads; the plan is the same in check mode.
+  diff_mode:
+    description: Will return details on what has changed (or possibly needs changing in check_mode), when in diff mode.
+    support: none
+  idempotent:
+    description:
+      - When run twice in a row outside check mode, with the same arguments, the second invocation indicates no change.
+      - This assumes that the system controlled/queried by the module has not changed in a relevant way.
+    support: full
+options:
+  action:
+    description:
+      - The scale playbook's action. V(scale_out) adds replicas and, when they do not fit, worker VMs; V(scale_in) removes
+        replicas, then the workers the rest do not need; V(scale_replicas) changes replicas only, within what the workers hold.
+    type: str
+    required: true
+  direction:
+    description:
+      - V(scale_out) or V(scale_in), for O(action=scale_replicas). Defaults to the event's C(action).
+    type: str
+  service:
+    description:
+      - The service to scale, one of O(services). Defaults to the event's C(service).
+    type: str
+  event:
+    description:
+      - The event that triggered the run, as ansible-rulebook passes it (C(ansible_eda.event)); empty for a run by hand.
+      - Read are C(source), C(received_at) (epoch seconds), C(values) (C(backlog), C(inflight), C(queued), C(drain_s),
+        C(backlog_trend)) and, from the C(scale_schedule) source, C(min_replicas) and C(until).
+    type: dict
+    default: {}
+  services:
+    description: The names of the services the site serves (C(mlfleet_serving)'s C(service) entries).
+    type: list
+    elements: str
+    required: true
+  autoscale:
+    description:
+      - The inventory's C(mlfleet_autoscale), laid over the defaults. Keys C(replicas) (C(min), C(max), C(step),
+        C(target_per_replica), C(max_scale_up)), C(services) (the same per service), C(workers) (C(step),
+        C(time_to_serve)), C(cooldown) (C(scale_out), C(scale_in), C(scale_in_after_scale_out)), C(stabilization)
+        (C(scale_in)), C(protected), C(max_event_age), C(drain_timeout); the README's autoscaling section gives the defaults.
+    type: dict
+    default: {}
+  workers:
+    description:
+      - The worker pool's bounds and VM size, from C(mlfleet_workers) - C(min) (its C(count)), C(max) (its C(max_count))
+        and C(cores).
+    type: dict
+    required: true
+  state:
+    description:
+      - The scaler state as M(mlfleet.serving.scale_lease) returned it when the run took the lease - C(last_actions),
+        C(floors), C(history).
+    type: dict
+    required: true
+  pool_vmids:
+    description: The VM ids of the worker pool's VMs, as the inventory lists them after the lease was taken.
+    type: list
+    elements: int
+    required: true
+seealso:
+  - module: mlfleet.serving.scale_lease
+  - module: mlfleet.serving.swarm_scale_plan
+"""
+
+EXAMPLES = r"""
+- name: Decide
+  mlfleet.serving.scale_decision:
+    docker_host: ssh://debian@192.0.2.10
+    action: scale_out
+    event: "{{ ansible_eda.event | default({}) }}"
+    services: "{{ mlfleet_serving | map(attribute='service') | list }}"
+    autoscale: "{{ mlfleet_autoscale | default({}) }}"
+    workers: {min: 2, max: 4, cores: 2}
+    state: "{{ scale_lease }}"
+    pool_vmids: [201, 202]
+  register: scale_plan
+"""
+
+RETURN = r"""
+decision:
+  description: V(act) when the plan changes something, else V(none) (RV(reason) says why).
+  returned: always
+  type: str
+reason:
+  description: Why, in words, with the figures.
+  returned: always
+  type: str
+service:
+  description: The service.
+  returned: always
+  type: str
+direction:
+  description: V(scale_out) or V(scale_in).
+  returned: always
+  type: str
+source:
+  description: The event's source, V(manual) for a run by hand.
+  returned: always
+  type: str
+current_replicas:
+  description: The service's replicas now; null when the run stopped before reading them (stale event, cooldown).
+  returned: always
+  type: int
+desired_replicas:
+  description: The count the demand (or the step) asks for, within the bounds.
+  returned: always
+  type: int
+target_replicas:
+  description: The count this run goes to.
+  returned: always
+  type: int
+change_replicas:
+  description: Whether the run changes the replicas within what the current workers hold.
+  returned: always
+  type: bool
+grow_to:
+  description: The pool size to grow the worker VMs to, -1 for none.
+  returned: always
+  type: int
+hold_vms:
+  description: Whether VMs were held back because the backlog drains before they could serve.
+  returned: always
+  type: bool
+join_vmids:
+  description: Pool VMs the run configures and joins (not active workers yet, or drained workers it keeps).
+  returned: always
+  type: list
+  elements: int
+leave_vmids:
+  description: Workers the run drains, takes out of the swarm and destroys.
+  returned: always
+  type: list
+  elements: int
+orphan_vmids:
+  description: Pool VMs that never joined the swarm; a scale-in destroys them.
+  returned: always
+  type: list
+  elements: int
+active_vmids:
+  description: The VM ids of the ready, active workers.
+  returned: always
+  type: list
+  elements: int
+min_replicas:
+  description: The fewest replicas the service keeps now, scheduled floors included.
+  returned: always
+  type: int
+floor:
+  description: The floor this run's own C(scale_schedule) event sets (C(replicas), C(until), C(reason)), to record at release.
+  returned: always
+  type: dict
+record_desired:
+  description: The desired count to record in the scaler state's history; null when the run decided before sizing.
+  returned: always
+  type: int
+capacity:
+  description: How many replicas fit on the current workers; null for a scale-in or a run that stopped early.
+  returned: always
+  type: int
+settings:
+  description: The effective settings of the service (bounds, cooldowns, target per replica, stabilization, the pool).
+  returned: always
+  type: dict
+protected_vmids:
+  description: The VM ids among the C(protected) setting, which a destroy never takes.
+  returned: always
+  type: list
+  elements: int
+audit_fields:
+  description:
+    - The plan's figures for the audit trail (C(replicas_before), C(replicas_desired), C(replicas_target), C(capacity)),
+      -1 for one the run never reached.
+  returned: always
+  type: dict
+records:
+  description:
+    - What to record in the scaler state when the run gives the lease back, as the options of the same names of
+      M(mlfleet.serving.scale_lease) take them - C(floors), C(bounds), C(desired) and C(settings).
+  returned: always
+  type: dict
+"""
+
+from ansible.module_utils.basic import AnsibleModule, missing_required_lib
+
+from ansible_collections.mlfleet.serving.plugins.module_utils._scale_decision import audit_fields, decide, effective_settings, settle_request, state_records
+from ansible_collections.mlfleet.serving.plugins.module_utils._swarm import (
+    DOCKER_IMPORT_ERROR,
+    DockerEndpoint,
+    SwarmError,
+    docker_api_argument_spec,
+)
+from ansible_collections.mlfleet.serving.plugins.module_utils._swarm_read import read_swarm
+
+
+def argument_spec():
+    spec = docker_api_argument_spec()
+    spec.update(
+        action=dict(type="str", required=True),
+        direction=dict(type="str"),
+        service=dict(type="str"),
+        event=dict(type="dict", default={}),
+        services=dict(type="list", elements="str", required=True),
+        autoscale=dict(type="dict", default={}),
+        workers=dict(type="dict", required=True),
+        state=dict(type="dict", required=True),
+        pool_vmids=dict(type="list", elements="int", required=True),
+    )
+    return spec
+
+
+def main():
+    module = AnsibleModule(argument_spec=argument_spec(), supports_check_mode=True)
+    params = module.params
+    try:
+        request = settle_request(params["action"], params["direction"], params["service"], params["event"], params["services"])
+        settings = effective_settings(params["autoscale"], request["service"], params["workers"])
+    except ValueError as e:
+        module.fail_json(msg=f"Cannot scale: {e}")
+    if DOCKER_IMPORT_ERROR:
+        module.fail_json(msg=missing_required_lib("docker"), exception=DOCKER_IMPORT_ERROR)
+    try:
+        with DockerEndpoint.from_params(params) as endpoint:
+            nodes, services, tasks = read_swarm(endpoint)
+    except SwarmError as e:
+        module.fail_json(msg=str(e))
+    try:
+        plan = decide(request, settings, params["state"], {"nodes": nodes, "services": services, "tasks": tasks}, params["pool_vmids"])
+    except ValueError as e:
+        module.fail_json(msg=f"Cannot decide {request['action']} of service {request['service']}: {e}")
+    module.exit_json(changed=False, records=state_records(plan), audit_fields=audit_fields(plan), **plan)
+
+
+if __name__ == "__main__":
+    main()

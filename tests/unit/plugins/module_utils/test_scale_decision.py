@@ -1,0 +1,458 @@
+"""The autoscaler's decision core, table by table: settings, demand, cooldowns, floors, stabilization, capacity, VMs."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from ansible_collections.mlfleet.serving.plugins.module_utils._scale_decision import (
+    DEFAULTS,
+    audit_fields,
+    decide,
+    desired_replicas,
+    effective_settings,
+    event_demand,
+    settle_request,
+    stabilized,
+    state_records,
+)
+
+NOW = 1_800_000_000.0
+SERVICES = ["resnet18", "densenet161"]
+POOL = {"min": 2, "max": 3, "cores": 2}
+
+
+def node(hostname, vmid, cpus=2.0, role="worker", availability="active", status="ready"):
+    return {
+        "node_id": f"id-{hostname}",
+        "hostname": hostname,
+        "role": role,
+        "availability": availability,
+        "status": status,
+        "cpus": cpus,
+        "labels": {"mlfleet.vmid": str(vmid)},
+        "platform": {"os": "linux", "arch": "x86_64"},
+        "vmid": vmid,
+        "pool": None,
+    }
+
+
+def swarm(replicas, workers=(("w1", 121), ("w2", 122)), drained=(), cpus=1.0):
+    """A drained manager, workers of 2 CPUs, resnet18 at ``replicas`` (1 CPU each: 2 fit per worker) spread over them."""
+    nodes = [node("m1", 100, cpus=4.0, role="manager", availability="drain")]
+    nodes += [node(name, vmid, availability="drain" if name in drained else "active") for name, vmid in workers]
+    active = [n for n in nodes if n["role"] == "worker" and n["availability"] == "active"]
+    tasks = [{"service": "resnet18", "node_id": active[i % len(active)]["node_id"], "state": "running"} for i in range(replicas)]
+    services = {"resnet18": {"replicas": replicas, "cpus": cpus, "constraints": ["node.role==worker"], "max_per_node": 0, "mode": "replicated"}}
+    return {"nodes": nodes, "services": services, "tasks": tasks}
+
+
+def settings(pool=None, **replicas):
+    overrides = {key: replicas.pop(key) for key in ("cooldown", "stabilization", "workers", "protected", "max_event_age") if key in replicas}
+    base = {"cooldown": {"scale_out": 0, "scale_in": 0, "scale_in_after_scale_out": 0}, "stabilization": {"scale_in": 0}}
+    return effective_settings(base | overrides | {"replicas": replicas}, "resnet18", pool or POOL)
+
+
+def run(direction, replicas, event=None, state=None, action=None, config=None, pool=(121, 122), **swarm_options):
+    request = {"action": action or direction, "direction": direction, "service": "resnet18", "event": event or {}}
+    return decide(request, config or settings(), state or {}, swarm(replicas, **swarm_options), list(pool), now=NOW)
+
+
+def pressure(backlog, **values):
+    return {"source": "serving_pressure", "received_at": NOW - 1, "values": {"backlog": backlog, **values}}
+
+
+# Demand and the desired count
+
+
+@pytest.mark.parametrize(
+    ("values", "demand"),
+    [
+        ({"backlog": 12}, 12),
+        ({"backlog": 0}, 0),
+        ({"inflight": 5, "queued": 7}, 12),
+        ({"backlog": 3, "inflight": 5, "queued": 7}, 3),
+        ({"inflight": 5}, None),
+        ({"backlog": -1}, None),
+        ({"backlog": True}, None),
+        ({"backlog": float("nan")}, None),
+        ({"backlog": "12"}, None),
+        ({"B": 0.93}, None),
+        ({}, None),
+        (None, None),
+    ],
+    ids=[
+        "backlog",
+        "no-backlog",
+        "inflight-and-queued",
+        "backlog-first",
+        "inflight-alone",
+        "negative",
+        "bool",
+        "nan",
+        "text",
+        "grafana-cpu-mean",
+        "empty",
+        "none",
+    ],
+)
+def test_the_demand_an_event_carries(values, demand):
+    assert event_demand(values) == demand
+
+
+@pytest.mark.parametrize(
+    ("demand", "target", "desired"),
+    [(0, 4, 0), (1, 4, 1), (4, 4, 1), (4.0000000001, 4, 1), (5, 4, 2), (12, 4, 3), (13, 4, 4), (10, 1.25, 8), (3, 0.5, 6)],
+)
+def test_desired_replicas_are_demand_over_the_target_rounded_up(demand, target, desired):
+    assert desired_replicas(demand, target) == desired
+
+
+@pytest.mark.parametrize(
+    ("history", "window", "highest"),
+    [
+        ([], 300, None),
+        ([[NOW - 400, 8], [NOW - 200, 5], [NOW - 10, 3]], 300, 5),
+        ([[NOW - 400, 8], [NOW - 200, 5], [NOW - 10, 3]], 500, 8),
+        ([[NOW - 400, 8]], 300, None),
+        ([[NOW - 300, 6]], 300, 6),
+    ],
+    ids=["none", "within-window", "longer-window", "all-older", "at-the-edge"],
+)
+def test_stabilization_takes_the_highest_count_of_the_window(history, window, highest):
+    assert stabilized(history, NOW, window) == highest
+
+
+# Settings
+
+
+def test_defaults_hold_where_the_inventory_is_silent():
+    effective = effective_settings({}, "resnet18", POOL)
+    assert (effective["min"], effective["max"], effective["step"]) == (1, 8, 1)
+    assert effective["target_per_replica"] == DEFAULTS["replicas"]["target_per_replica"]
+    assert effective["cooldown"] == {"scale_out": 30, "scale_in": 120, "scale_in_after_scale_out": 300}
+    assert effective["stabilization"] == {"scale_in": 300}
+    assert effective["workers"] == {"min": 2, "max": 3, "step": 1, "time_to_serve": 180, "cores": 2}
+
+
+def test_the_pool_bounds_come_from_mlfleet_workers_unless_mlfleet_autoscale_sets_them():
+    assert effective_settings({"workers": {"step": 2}}, "resnet18", POOL)["workers"] == {"min": 2, "max": 3, "step": 2, "time_to_serve": 180, "cores": 2}
+    assert effective_settings({"workers": {"max": 6}}, "resnet18", POOL)["workers"]["max"] == 6
+
+
+def test_a_service_overrides_the_replica_settings_and_only_its_own():
+    autoscale = {"replicas": {"max": 6}, "services": {"resnet18": {"min": 2, "target_per_replica": 1.5}}}
+    resnet = effective_settings(autoscale, "resnet18", POOL)
+    densenet = effective_settings(autoscale, "densenet161", POOL)
+    assert (resnet["min"], resnet["max"], resnet["target_per_replica"]) == (2, 6, 1.5)
+    assert (densenet["min"], densenet["max"], densenet["target_per_replica"]) == (1, 6, 4.0)
+
+
+@pytest.mark.parametrize(
+    ("autoscale", "workers", "message"),
+    [
+        ({"replicas": {"min": 5, "max": 3}}, POOL, "mlfleet_autoscale.replicas: min 5 is above max 3"),
+        ({"services": {"resnet18": {"max": 0}}}, POOL, "mlfleet_autoscale.services.resnet18.max must be 1 or more"),
+        ({"replicas": {"target_per_replica": 0}}, POOL, "replicas.target_per_replica must be above 0"),
+        ({"replicas": {"target_per_replica": "many"}}, POOL, "replicas.target_per_replica must be a number, got 'many'"),
+        ({"replicas": {"max_scale_up": 0}}, POOL, "replicas.max_scale_up must be 1 or more"),
+        ({"replicas": {"step": 1.5}}, POOL, "replicas.step must be a whole number"),
+        ({"cooldown": {"scale_in": -5}}, POOL, "cooldown.scale_in must be 0 or more"),
+        ({"stabilization": {"scale_in": 7200}}, POOL, "stabilization.scale_in must be at most 3600 s"),
+        ({"services": {"resnet18": 3}}, POOL, "mlfleet_autoscale.services.resnet18 must be a mapping"),
+        ({"services": ["resnet18"]}, POOL, "mlfleet_autoscale.services must be a mapping"),
+        ({"protected": "w1"}, POOL, "mlfleet_autoscale.protected must be a list"),
+        ({}, {"min": 4, "max": 3, "cores": 2}, "the worker pool's min 4 (mlfleet_workers.count) is above its max 3"),
+        ({}, {"min": 2, "max": 3, "cores": 0}, "workers.cores (mlfleet_workers.cores) must be above 0"),
+        ([], POOL, "mlfleet_autoscale must be a mapping"),
+        ({"workers": [2]}, POOL, "mlfleet_autoscale.workers must be a mapping"),
+    ],
+)
+def test_bad_settings_are_named_with_the_fix(autoscale, workers, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        effective_settings(autoscale, "resnet18", workers)
+
+
+@pytest.mark.parametrize(
+    ("action", "direction", "service", "event", "expected"),
+    [
+        ("scale_out", None, "resnet18", {}, ("scale_out", "scale_out", "resnet18")),
+        ("scale_in", "scale_out", None, {"service": "resnet18"}, ("scale_in", "scale_in", "resnet18")),
+        ("scale_replicas", None, None, {"action": "scale_in", "service": "densenet161"}, ("scale_replicas", "scale_in", "densenet161")),
+        ("scale_replicas", "scale_out", "resnet18", {"action": "scale_in"}, ("scale_replicas", "scale_out", "resnet18")),
+    ],
+)
+def test_the_request_comes_from_the_playbook_and_the_event(action, direction, service, event, expected):
+    request = settle_request(action, direction, service, event, SERVICES)
+    assert (request["action"], request["direction"], request["service"]) == expected
+
+
+@pytest.mark.parametrize(
+    ("action", "direction", "service", "message"),
+    [
+        ("scale_up", None, "resnet18", "scale_action must be one of scale_out, scale_in, scale_replicas"),
+        ("scale_replicas", None, "resnet18", "scale_direction must be scale_out or scale_in"),
+        ("scale_out", None, "vgg16", "scale_service must be one of the services in mlfleet_serving (resnet18, densenet161), got 'vgg16'"),
+        ("scale_out", None, None, "got ''"),
+    ],
+)
+def test_a_bad_request_is_named(action, direction, service, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        settle_request(action, direction, service, {}, SERVICES)
+
+
+# Decisions
+
+
+CASES = [
+    # (id, direction, replicas, event, state, config, options, expected: decision, target, grow_to, reason fragment)
+    ("stale-event", "scale_out", 2, {"received_at": NOW - 90}, {}, {}, {}, ("none", None, -1, "the event is 90 s old (more than max_event_age, 60 s)")),
+    (
+        "scale-out-cooling-down",
+        "scale_out",
+        2,
+        {},
+        {"last_actions": {"resnet18:scale_out": NOW - 10}},
+        {"cooldown": {"scale_out": 30}},
+        {},
+        ("none", None, -1, "scale_out is cooling down for 20 s more (last scale_out 10 s ago, cooldown 30 s)"),
+    ),
+    (
+        "scale-in-after-a-scale-out",
+        "scale_in",
+        4,
+        {},
+        {"last_actions": {"resnet18:scale_out": NOW - 100}},
+        {"cooldown": {"scale_in": 0, "scale_in_after_scale_out": 300}},
+        {},
+        ("none", None, -1, "no scale_in within 300 s of one"),
+    ),
+    (
+        "demand-sizes-a-burst-in-one-decision",
+        "scale_out",
+        1,
+        pressure(12),
+        {},
+        {},
+        {},
+        ("act", 3, -1, "12 requests in flight and queued need 3 replicas at 4 each; resnet18: 1 → 3 replicas; 4 fit on 2 workers"),
+    ),
+    ("inflight-and-queued-count-as-demand", "scale_out", 1, {"values": {"inflight": 8, "queued": 4}}, {}, {}, {}, ("act", 3, -1, "need 3 replicas")),
+    ("demand-beyond-the-workers-grows-the-pool", "scale_out", 2, pressure(24), {}, {}, {}, ("act", 6, 3, "resnet18: 2 → 6 replicas needs 1 more worker VM")),
+    (
+        "max-scale-up-caps-one-decision",
+        "scale_out",
+        1,
+        pressure(40),
+        {},
+        {"max_scale_up": 2},
+        {},
+        ("act", 3, -1, "1 → 3 now, at most 2 more per decision (max_scale_up)"),
+    ),
+    (
+        "demand-above-max-is-bounded",
+        "scale_out",
+        2,
+        pressure(400),
+        {},
+        {"max_scale_up": 10, "max": 5},
+        {},
+        ("act", 5, 3, "2 → 5 replicas needs 1 more worker VM"),
+    ),
+    (
+        "demand-the-replicas-already-meet",
+        "scale_out",
+        3,
+        pressure(6),
+        {},
+        {},
+        {},
+        ("none", None, -1, "6 requests in flight and queued need 2 replicas at 4 each; has 3: nothing to add"),
+    ),
+    ("no-demand-moves-by-step", "scale_out", 1, {"source": "grafana", "values": {"B": 0.93}}, {}, {"step": 2}, {}, ("act", 3, -1, "resnet18: 1 → 3 replicas")),
+    ("at-its-maximum", "scale_out", 4, {}, {}, {"max": 4}, {}, ("none", 4, -1, "at its maximum of 4 replicas")),
+    (
+        "the-pool-at-its-maximum-takes-what-fits",
+        "scale_out",
+        4,
+        pressure(40),
+        {},
+        {},
+        {"workers": (("w1", 121), ("w2", 122), ("w3", 123)), "pool": (121, 122, 123)},
+        ("act", 6, -1, "only 6 of 8 fit on 3 workers; 3 workers is the maximum"),
+    ),
+    (
+        "scale-replicas-never-clones",
+        "scale_out",
+        3,
+        pressure(40),
+        {},
+        {},
+        {"action": "scale_replicas"},
+        ("act", 4, -1, "only 4 of 7 fit on 2 workers; vm_step 0 adds no worker VM"),
+    ),
+    (
+        "draining-backlog-holds-new-vms",
+        "scale_out",
+        4,
+        pressure(120, backlog_trend=-2.5, drain_s=41.6),
+        {},
+        {"workers": {"time_to_serve": 60}},
+        {},
+        ("none", 8, -1, "no new VMs: the backlog of 120 requests falls by 2.5/s and is down in about 42 s, before new VMs serve (workers.time_to_serve 60 s)"),
+    ),
+    (
+        "backlog-draining-after-the-vms-serve-clones",
+        "scale_out",
+        4,
+        pressure(120, backlog_trend=-0.5, drain_s=240),
+        {},
+        {"workers": {"time_to_serve": 60}},
+        {},
+        ("act", 8, 3, "needs 1 more worker VM"),
+    ),
+    (
+        "scale-in-by-demand",
+        "scale_in",
+        6,
+        pressure(3),
+        {},
+        {"min": 1},
+        {"workers": (("w1", 121), ("w2", 122), ("w3", 123))},
+        ("act", 1, -1, "3 requests in flight and queued need 1 replicas at 4 each; resnet18: 6 → 1 replicas"),
+    ),
+    (
+        "scale-in-keeps-the-stabilization-windows-highest",
+        "scale_in",
+        6,
+        pressure(3),
+        {"history": {"resnet18": [[NOW - 500, 8], [NOW - 100, 4], [NOW - 20, 2]]}},
+        {"stabilization": {"scale_in": 300}},
+        {},
+        ("act", 4, -1, "the highest count desired in the last 300 s is 4 (stabilization); resnet18: 6 → 4 replicas"),
+    ),
+    (
+        "a-dip-removes-nothing",
+        "scale_in",
+        4,
+        pressure(0),
+        {"history": {"resnet18": [[NOW - 30, 4]]}},
+        {"stabilization": {"scale_in": 300}},
+        {},
+        ("none", 4, -1, "at its minimum"),
+    ),
+    ("scale-in-without-demand-moves-by-step", "scale_in", 4, {}, {}, {"step": 1}, {}, ("act", 3, -1, "resnet18: 4 → 3 replicas")),
+    ("scale-in-at-the-minimum", "scale_in", 2, {}, {}, {"min": 2}, {}, ("none", 2, -1, "at its minimum of 2 replicas")),
+    (
+        "a-scheduled-floor-raises-to-it",
+        "scale_out",
+        1,
+        {"source": "schedule", "min_replicas": 3, "until": NOW + 600, "values": {"schedule": "peak"}},
+        {},
+        {"step": 5},
+        {},
+        ("act", 3, -1, "scheduled for at least 3 replicas; resnet18: 1 → 3 replicas"),
+    ),
+    (
+        "a-stored-floor-holds-through-a-scale-in",
+        "scale_in",
+        4,
+        pressure(0),
+        {"floors": {"resnet18": {"replicas": 3, "until": NOW + 60, "reason": "schedule peak"}}},
+        {},
+        {},
+        ("act", 3, -1, "scheduled floor 3 replicas until"),
+    ),
+    (
+        "an-expired-floor-holds-nothing",
+        "scale_in",
+        4,
+        pressure(0),
+        {"floors": {"resnet18": {"replicas": 3, "until": NOW - 1, "reason": "schedule peak"}}},
+        {},
+        {},
+        ("act", 1, -1, "resnet18: 4 → 1 replicas"),
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("direction", "replicas", "event", "state", "config", "options", "expected"), [case[1:] for case in CASES], ids=[case[0] for case in CASES]
+)
+def test_decisions(direction, replicas, event, state, config, options, expected):
+    decision, target, grow_to, reason = expected
+    plan = run(direction, replicas, event=event, state=state, config=settings(**config), **options)
+    assert reason in plan["reason"], plan["reason"]
+    assert (plan["decision"], plan["target_replicas"], plan["grow_to"]) == (decision, target, grow_to), plan["reason"]
+    # A run that changes the replicas says so; one that only grows the pool asks for its replicas after the clone.
+    assert plan["change_replicas"] == (decision == "act" and grow_to < 0 and target != replicas)
+
+
+def test_max_scale_up_bounds_demand_not_a_step():
+    # An event without demand adds its step in full, even above max_scale_up (the kill test's step of 6).
+    plan = run("scale_out", 2, config=settings(step=6, max_scale_up=2), workers=(("w1", 121), ("w2", 122), ("w3", 123), ("w4", 124)),
+               pool=(121, 122, 123, 124))  # fmt: skip
+    assert (plan["decision"], plan["target_replicas"]) == ("act", 8), plan["reason"]
+    assert run("scale_out", 2, event=pressure(40), config=settings(max_scale_up=2))["target_replicas"] == 4
+
+
+def test_every_decision_records_the_count_it_desired_within_the_bounds():
+    assert run("scale_out", 1, event=pressure(400))["record_desired"] == 8
+    assert run("scale_in", 4, event=pressure(0), config=settings(min=2))["record_desired"] == 2
+    assert run("scale_out", 2, event={"received_at": NOW - 90})["record_desired"] is None
+
+
+def test_scale_in_removes_the_worker_the_rest_do_not_need_and_never_a_protected_one():
+    workers = (("w1", 121), ("w2", 122), ("w3", 123))
+    plan = run("scale_in", 6, event=pressure(4), workers=workers, pool=(121, 122, 123))
+    assert (plan["target_replicas"], plan["leave_vmids"]) == (1, [123])
+    protected = run("scale_in", 6, event=pressure(4), workers=workers, pool=(121, 122, 123), config=settings(protected=["w3", "122"]))
+    assert protected["leave_vmids"] == [121]
+
+
+def test_a_scale_in_destroys_pool_vms_that_never_joined_and_finishes_or_undoes_a_drain():
+    workers = (("w1", 121), ("w2", 122), ("w3", 123))
+    # A drain a killed scale-in left: the worker is not needed, so this run takes it out; VM 124 never joined.
+    plan = run("scale_in", 2, workers=workers, drained=("w3",), pool=(121, 122, 123, 124), config=settings(min=2))
+    assert (plan["orphan_vmids"], plan["leave_vmids"], plan["join_vmids"]) == ([124], [123], [])
+    assert plan["decision"] == "act"
+    # With the pool at its minimum of 3, the drained worker is kept: it comes back.
+    kept = run("scale_in", 2, workers=workers, drained=("w3",), pool=(121, 122, 123), config=settings(min=2, pool={"min": 3, "max": 4, "cores": 2}))
+    assert (kept["leave_vmids"], kept["join_vmids"], kept["decision"]) == ([], [123], "act")
+
+
+def test_a_scale_out_joins_pool_vms_an_earlier_run_left_before_it_clones():
+    # VM 123 was cloned by a run that was killed before the join: capacity on the way, not a reason to clone again.
+    plan = run("scale_out", 4, event=pressure(24), pool=(121, 122, 123))
+    assert plan["join_vmids"] == [123]
+    assert plan["grow_to"] == -1
+    assert plan["decision"] == "act"
+    # Even when the demand asks for nothing more, the left VM is joined.
+    idle = run("scale_out", 4, event=pressure(4), pool=(121, 122, 123))
+    assert (idle["decision"], idle["join_vmids"]) == ("act", [123])
+
+
+def test_a_service_the_swarm_lacks_is_named():
+    request = {"action": "scale_out", "direction": "scale_out", "service": "densenet161", "event": {}}
+    with pytest.raises(ValueError, match="the swarm has no replicated service densenet161; deploy it with playbooks/serve.yml first"):
+        decide(request, settings(), {}, swarm(2), [121, 122], now=NOW)
+
+
+def test_the_run_records_its_floor_bounds_desired_count_and_settings():
+    scheduled = {"source": "schedule", "min_replicas": 3, "until": NOW + 600, "values": {"schedule": "peak"}}
+    records = state_records(run("scale_out", 1, event=scheduled, config=settings(min=1, max=6)))
+    assert records["floors"] == [{"replicas": 3, "until": NOW + 600, "reason": "schedule peak", "service": "resnet18"}]
+    assert records["bounds"] == [{"service": "resnet18", "min": 3, "max": 6}]
+    assert records["desired"] == [{"service": "resnet18", "replicas": 3}]
+    assert records["settings"][0]["service"] == "resnet18" and records["settings"][0]["max"] == 6
+    # A run that stopped before sizing (a cooldown) records no desired count, and no floor of its own.
+    cooling = state_records(run("scale_out", 1, state={"last_actions": {"resnet18:scale_out": NOW - 1}}, config=settings(cooldown={"scale_out": 30})))
+    assert (cooling["floors"], cooling["desired"]) == ([], [])
+
+
+def test_the_audit_fields_are_numbers_even_for_a_run_that_stopped_early():
+    acted = audit_fields(run("scale_out", 1, event=pressure(12)))
+    assert acted == {"replicas_before": 1, "replicas_desired": 3, "replicas_target": 3, "capacity": 4}
+    stale = audit_fields(run("scale_out", 2, event={"received_at": NOW - 90}))
+    assert stale == {"replicas_before": -1, "replicas_desired": -1, "replicas_target": -1, "capacity": -1}
