@@ -29,7 +29,7 @@ from ansible_collections.mlfleet.serving.plugins.module_utils._scale_plan import
 ACTIONS = ("scale_out", "scale_in", "scale_replicas")
 DIRECTIONS = ("scale_out", "scale_in")
 
-# The defaults of the inventory variable mlfleet_autoscale; the worker pool's bounds come from mlfleet_workers.
+# The defaults of the inventory variable mlfleet_autoscale; the worker pool's bounds come from its mlfleet_worker_pools entry.
 DEFAULTS = {
     # Per service: min/max replicas, the step of an event without demand, the in-flight and queued requests one replica
     # is sized for, and the most replicas one decision adds; services.<name> overrides any of them for one service.
@@ -84,7 +84,8 @@ def number(path, value, minimum, whole=False, above=False, fix=""):
 def effective_settings(autoscale, service, workers):
     """The settings that hold for ``service``: DEFAULTS, the inventory's ``mlfleet_autoscale`` over them, its
     ``services[service]`` over the replica settings, and the worker pool's bounds from ``workers``
-    (``{min, max, cores}``, from mlfleet_workers). Checked; a ValueError names the setting and the fix."""
+    (``{name, min, max, cores}``, from the service's entry of mlfleet_worker_pools: count, max_count, cores).
+    Checked; a ValueError names the setting and the fix."""
     if autoscale is not None and not isinstance(autoscale, dict):
         raise ValueError(f"mlfleet_autoscale must be a mapping, got {type(autoscale).__name__}; see the README's autoscaling section")
     merged = merge(DEFAULTS, autoscale or {})
@@ -119,22 +120,23 @@ def effective_settings(autoscale, service, workers):
             f"mlfleet_autoscale.stabilization.scale_in must be at most {HISTORY_SECONDS} s (the history the scaler state keeps), "
             f"got {settings['stabilization']['scale_in']:g}"
         )
-    # The pool's bounds come from mlfleet_workers unless mlfleet_autoscale.workers sets them.
+    # The pool's bounds come from its mlfleet_worker_pools entry unless mlfleet_autoscale.workers sets them.
+    source = f"mlfleet_worker_pools pool {(workers or {}).get('name', '?')}"
     user_workers = (autoscale or {}).get("workers") or {}
     if not isinstance(user_workers, dict):
         raise ValueError(f"mlfleet_autoscale.workers must be a mapping such as {{step: 1}}, got {user_workers!r}")
     pool = merge(merge(DEFAULTS["workers"], workers or {}), user_workers)
     settings["workers"] = {
-        "min": number("workers.min (mlfleet_workers.count)", pool.get("min"), 0, whole=True, fix="give the fewest worker VMs"),
-        "max": number("workers.max (mlfleet_workers.max_count)", pool.get("max"), 0, whole=True, fix="give the most worker VMs"),
+        "min": number(f"workers.min ({source} count)", pool.get("min"), 0, whole=True, fix="give the fewest worker VMs"),
+        "max": number(f"workers.max ({source} max_count)", pool.get("max"), 0, whole=True, fix="give the most worker VMs"),
         "step": number("workers.step", pool["step"], 0, whole=True, fix="give the most worker VMs one run adds or removes"),
         "time_to_serve": number("workers.time_to_serve", pool["time_to_serve"], 0, fix="give seconds, 0 to always clone"),
-        "cores": number("workers.cores (mlfleet_workers.cores)", pool.get("cores"), 0, above=True, fix="give the CPUs of a new worker VM"),
+        "cores": number(f"workers.cores ({source} cores)", pool.get("cores"), 0, above=True, fix="give the CPUs of a new worker VM"),
     }
     if settings["workers"]["min"] > settings["workers"]["max"]:
         raise ValueError(
-            f"the worker pool's min {settings['workers']['min']} (mlfleet_workers.count) is above its max "
-            f"{settings['workers']['max']} (mlfleet_workers.max_count); raise max_count"
+            f"the worker pool's min {settings['workers']['min']} ({source} count) is above its max "
+            f"{settings['workers']['max']} ({source} max_count); raise max_count"
         )
     protected = merged.get("protected") or []
     if not isinstance(protected, list):
@@ -229,20 +231,31 @@ def cooldown_left(direction, service, settings, last_actions, now):
     return round(left, 1), f"{service}: {direction} is cooling down for {round(left)} s more ({why})"
 
 
-def decide(request, settings, state, swarm, pool_vmids, now=None):
+def pool_swarm(swarm, pool_tag):
+    """The swarm as one worker pool sees it: the managers and the workers whose node label mlfleet.pool is the pool's
+    tag. A service runs on its pool only (its placement constraint), so its room and the workers a scale-in may take
+    are counted there; the tasks of other services on those workers still hold their share."""
+    if pool_tag is None:
+        return swarm
+    nodes = [node for node in swarm["nodes"] if node["role"] == "manager" or node.get("pool") == pool_tag]
+    return dict(swarm, nodes=nodes)
+
+
+def decide(request, settings, state, swarm, pool_vmids, now=None, pool_tag=None):
     """The whole plan of one scale run.
 
     ``request``: ``{action, direction, service, event}``, the event as the rulebook passes it (may be empty);
     ``settings``: ``effective_settings`` of the service; ``state``: the scaler state as the lease module returns it
     (``last_actions``, ``floors`` (the highest live one per service), ``history`` ({service: [[at, desired]]}));
     ``swarm``: ``{nodes, services, tasks}`` as ``_scale_plan.normalise`` makes them; ``pool_vmids``: the VM ids of the
-    pool's VMs in the inventory.
+    pool's VMs in the inventory; ``pool_tag``: the pool's tag, whose workers alone count (all workers when None).
 
     Returns ``{decision, reason, ...}``: ``decision`` is V(act) when the plan changes something, else V(none); the plan
     names the replica target, the pool size to grow to (``grow_to``, -1 for none) and exactly which VMs join, leave or
     are destroyed, the desired count to record in the state's history, and the figures for the audit trail.
     """
     now = time.time() if now is None else now
+    swarm = pool_swarm(swarm, pool_tag)
     action, direction, service = request["action"], request["direction"], request["service"]
     event = request.get("event") or {}
     values = event.get("values") if isinstance(event.get("values"), dict) else {}

@@ -57,7 +57,7 @@ options:
     type: str
   service:
     description:
-      - The service to scale, one of O(services). Defaults to the event's C(service).
+      - The service to scale, one of O(serving). Defaults to the event's C(service).
     type: str
   event:
     description:
@@ -66,10 +66,12 @@ options:
         C(backlog_trend)) and, from the C(scale_schedule) source, C(min_replicas) and C(until).
     type: dict
     default: {}
-  services:
-    description: The names of the services the site serves (C(mlfleet_serving)'s C(service) entries).
+  serving:
+    description:
+      - The services the site serves, C(mlfleet_serving) as the inventory gives it. Read are each entry's C(service)
+        and C(pool), the worker pool it runs on (the only pool when it names none).
     type: list
-    elements: str
+    elements: dict
     required: true
   autoscale:
     description:
@@ -79,22 +81,35 @@ options:
         (C(scale_in)), C(protected), C(max_event_age), C(drain_timeout); the README's autoscaling section gives the defaults.
     type: dict
     default: {}
+  worker_pools:
+    description:
+      - The worker VM pools, C(mlfleet_worker_pools) as the inventory gives it (see the README's worker pools section).
+        The pool of the scaled service gives the bounds (C(count), C(max_count)) and the size of a new VM (C(cores)).
+    type: list
+    elements: dict
   workers:
     description:
-      - The worker pool's bounds and VM size, from C(mlfleet_workers) - C(min) (its C(count)), C(max) (its C(max_count))
-        and C(cores).
+      - The deprecated single pool C(mlfleet_workers), read as the pool C(workers) with the tag C(swarm_worker) when
+        O(worker_pools) is empty. Gives a deprecation warning.
     type: dict
-    required: true
+  template:
+    description: The template a pool clones from when its entry names none (C(mlfleet_template)).
+    type: raw
+  cluster:
+    description: The cluster's name (C(mlfleet_cluster)), the start of the VM names a pool gives by default.
+    type: str
+    default: ""
   state:
     description:
       - The scaler state as M(mlfleet.serving.scale_lease) returned it when the run took the lease - C(last_actions),
         C(floors), C(history).
     type: dict
     required: true
-  pool_vmids:
-    description: The VM ids of the worker pool's VMs, as the inventory lists them after the lease was taken.
-    type: list
-    elements: int
+  pool_members:
+    description:
+      - "The inventory's worker VMs as C({vmid: tags}) (C(proxmox_vmid) and C(proxmox_tags) of C(swarm_workers)),
+        read after the run took the lease. The members of the scaled service's pool are those that carry its tag."
+    type: dict
     required: true
 seealso:
   - module: mlfleet.serving.scale_lease
@@ -107,11 +122,12 @@ EXAMPLES = r"""
     docker_host: ssh://debian@192.0.2.10
     action: scale_out
     event: "{{ ansible_eda.event | default({}) }}"
-    services: "{{ mlfleet_serving | map(attribute='service') | list }}"
+    serving: "{{ mlfleet_serving }}"
+    worker_pools: "{{ mlfleet_worker_pools }}"
+    template: "{{ mlfleet_template }}"
     autoscale: "{{ mlfleet_autoscale | default({}) }}"
-    workers: {min: 2, max: 4, cores: 2}
     state: "{{ scale_lease }}"
-    pool_vmids: [201, 202]
+    pool_members: {"201": [mlfleet, swarm_worker], "202": [mlfleet, swarm_worker]}
   register: scale_plan
 """
 
@@ -175,8 +191,17 @@ orphan_vmids:
   returned: always
   type: list
   elements: int
+pool:
+  description:
+    - The worker pool of the scaled service, checked and completed - C(name), C(tag), C(template), C(count),
+      C(max_count), C(cores), C(memory), C(cpulimit), C(ip_range), C(name_prefix) - and C(vmids), its VMs in the
+      inventory. A scale-out clones with these.
+  returned: when the request was valid
+  type: dict
+  sample: {name: workers, tag: swarm_worker, template: debian-golden, count: 2, max_count: 4, cores: 2, memory: 4096,
+           cpulimit: null, ip_range: null, name_prefix: mlfleet-worker, vmids: [201, 202]}
 active_vmids:
-  description: The VM ids of the ready, active workers.
+  description: The VM ids of the ready, active workers of the service's pool.
   returned: always
   type: list
   elements: int
@@ -229,6 +254,11 @@ from ansible_collections.mlfleet.serving.plugins.module_utils._swarm import (
     docker_api_argument_spec,
 )
 from ansible_collections.mlfleet.serving.plugins.module_utils._swarm_read import read_swarm
+from ansible_collections.mlfleet.serving.plugins.module_utils._worker_pools import (
+    pool_members,
+    service_pools,
+    worker_pools,
+)
 
 
 def argument_spec():
@@ -238,11 +268,14 @@ def argument_spec():
         direction=dict(type="str"),
         service=dict(type="str"),
         event=dict(type="dict", default={}),
-        services=dict(type="list", elements="str", required=True),
+        serving=dict(type="list", elements="dict", required=True),
         autoscale=dict(type="dict", default={}),
-        workers=dict(type="dict", required=True),
+        worker_pools=dict(type="list", elements="dict"),
+        workers=dict(type="dict"),
+        template=dict(type="raw"),
+        cluster=dict(type="str", default=""),
         state=dict(type="dict", required=True),
-        pool_vmids=dict(type="list", elements="int", required=True),
+        pool_members=dict(type="dict", required=True),
     )
     return spec
 
@@ -251,10 +284,17 @@ def main():
     module = AnsibleModule(argument_spec=argument_spec(), supports_check_mode=True)
     params = module.params
     try:
-        request = settle_request(params["action"], params["direction"], params["service"], params["event"], params["services"])
-        settings = effective_settings(params["autoscale"], request["service"], params["workers"])
+        pools, deprecation = worker_pools(params["worker_pools"], params["workers"], params["template"], params["cluster"])
+        placed = service_pools(pools, params["serving"])
+        request = settle_request(params["action"], params["direction"], params["service"], params["event"], list(placed))
+        pool = next(pool for pool in pools if pool["name"] == placed[request["service"]])
+        pool = dict(pool, vmids=sorted(int(vmid) for vmid in pool_members(pool, params["pool_members"])))
+        bounds = {"name": pool["name"], "min": pool["count"], "max": pool["max_count"], "cores": pool["cores"]}
+        settings = effective_settings(params["autoscale"], request["service"], bounds)
     except ValueError as e:
         module.fail_json(msg=f"Cannot scale: {e}")
+    if deprecation:
+        module.deprecate(deprecation, version="2.0.0", collection_name="mlfleet.serving")
     if DOCKER_IMPORT_ERROR:
         module.fail_json(msg=missing_required_lib("docker"), exception=DOCKER_IMPORT_ERROR)
     try:
@@ -263,10 +303,11 @@ def main():
     except SwarmError as e:
         module.fail_json(msg=str(e))
     try:
-        plan = decide(request, settings, params["state"], {"nodes": nodes, "services": services, "tasks": tasks}, params["pool_vmids"])
+        swarm = {"nodes": nodes, "services": services, "tasks": tasks}
+        plan = decide(request, settings, params["state"], swarm, pool["vmids"], pool_tag=pool["tag"])
     except ValueError as e:
         module.fail_json(msg=f"Cannot decide {request['action']} of service {request['service']}: {e}")
-    module.exit_json(changed=False, records=state_records(plan), audit_fields=audit_fields(plan), **plan)
+    module.exit_json(changed=False, records=state_records(plan), audit_fields=audit_fields(plan), pool=pool, **plan)
 
 
 if __name__ == "__main__":

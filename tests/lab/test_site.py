@@ -70,8 +70,8 @@ def site(tmp_path_factory):
             {
                 "mlfleet_managers": {"count": 1, "cores": 1, "memory": 1024,
                                      "ip_range": {"start": f"{SUBNET_PREFIX}.10", "end": f"{SUBNET_PREFIX}.12", "prefix": 24, "gateway": gateway}},
-                "mlfleet_workers": {"count": 2, "max_count": 3, "cores": 2, "memory": 6144,
-                                    "ip_range": {"start": f"{SUBNET_PREFIX}.20", "end": f"{SUBNET_PREFIX}.59", "prefix": 24, "gateway": gateway}},
+                "mlfleet_worker_pools": [{"name": "cpu", "tag": "swarm_worker", "count": 2, "max_count": 3, "cores": 2, "memory": 6144,
+                                          "ip_range": {"start": f"{SUBNET_PREFIX}.20", "end": f"{SUBNET_PREFIX}.59", "prefix": 24, "gateway": gateway}}],
                 "mlfleet_nameserver": gateway,
                 # Small steps, short cooldowns and stabilization, so that one test sees replicas, a VM and the way back. resnet18
                 # is sized for half a request per replica: the autoscaler test's 10 clients (the proxy sees 6 or more of them

@@ -136,7 +136,7 @@ def test_defaults_hold_where_the_inventory_is_silent():
     assert effective["workers"] == {"min": 2, "max": 3, "step": 1, "time_to_serve": 180, "cores": 2}
 
 
-def test_the_pool_bounds_come_from_mlfleet_workers_unless_mlfleet_autoscale_sets_them():
+def test_the_pool_bounds_come_from_its_pool_entry_unless_mlfleet_autoscale_sets_them():
     assert effective_settings({"workers": {"step": 2}}, "resnet18", POOL)["workers"] == {"min": 2, "max": 3, "step": 2, "time_to_serve": 180, "cores": 2}
     assert effective_settings({"workers": {"max": 6}}, "resnet18", POOL)["workers"]["max"] == 6
 
@@ -163,8 +163,8 @@ def test_a_service_overrides_the_replica_settings_and_only_its_own():
         ({"services": {"resnet18": 3}}, POOL, "mlfleet_autoscale.services.resnet18 must be a mapping"),
         ({"services": ["resnet18"]}, POOL, "mlfleet_autoscale.services must be a mapping"),
         ({"protected": "w1"}, POOL, "mlfleet_autoscale.protected must be a list"),
-        ({}, {"min": 4, "max": 3, "cores": 2}, "the worker pool's min 4 (mlfleet_workers.count) is above its max 3"),
-        ({}, {"min": 2, "max": 3, "cores": 0}, "workers.cores (mlfleet_workers.cores) must be above 0"),
+        ({}, {"name": "cpu", "min": 4, "max": 3, "cores": 2}, "the worker pool's min 4 (mlfleet_worker_pools pool cpu count) is above its max 3"),
+        ({}, {"name": "cpu", "min": 2, "max": 3, "cores": 0}, "workers.cores (mlfleet_worker_pools pool cpu cores) must be above 0"),
         ([], POOL, "mlfleet_autoscale must be a mapping"),
         ({"workers": [2]}, POOL, "mlfleet_autoscale.workers must be a mapping"),
     ],

@@ -9,7 +9,9 @@ from test_swarm_join import run_module
 
 from ansible_collections.mlfleet.serving.plugins.modules import scale_decision
 
-WORKERS = {"min": 2, "max": 6, "cores": 2}
+POOLS = [{"name": "cpu", "tag": "swarm_worker", "count": 2, "max_count": 6, "cores": 2, "memory": 4096}]
+SERVING = [{"service": "resnet18"}, {"service": "densenet161"}]
+MEMBERS = {"121": ["mlfleet", "swarm_worker"], "122": ["mlfleet", "swarm_worker"], "123": ["mlfleet", "swarm_worker"]}
 # The fixture of test_swarm_scale_plan: workers w1..w3 (VMs 121..123) of 2 CPUs, resnet18 at 3 replicas of 1 CPU, telegraf.
 lab = test_swarm_scale_plan.lab
 QUICK = {"cooldown": {"scale_out": 0, "scale_in": 0, "scale_in_after_scale_out": 0}, "stabilization": {"scale_in": 0}}
@@ -19,11 +21,13 @@ def decide(capsys, lab, **args):
     defaults = dict(
         docker_host=lab.url("m1"),
         action="scale_out",
-        services=["resnet18", "densenet161"],
+        serving=SERVING,
         autoscale=QUICK,
-        workers=WORKERS,
+        worker_pools=POOLS,
+        template="golden",
+        cluster="mlfleet",
         state={},
-        pool_vmids=[121, 122, 123],
+        pool_members=MEMBERS,
     )
     return run_module(capsys, scale_decision, **(defaults | args))
 
@@ -71,3 +75,59 @@ def test_bad_settings_fail_before_the_swarm_is_read(lab, capsys):
 def test_an_unknown_service_fails_naming_the_services(lab, capsys):
     result = decide(capsys, lab, service="vgg16")
     assert result["failed"] and "scale_service must be one of the services in mlfleet_serving (resnet18, densenet161), got 'vgg16'" in result["msg"]
+
+
+def test_the_plan_names_the_pool_a_scale_out_clones_with(lab, capsys):
+    event = {"source": "serving_pressure", "service": "resnet18", "received_at": time.time(), "values": {"backlog": 20}}
+    result = decide(capsys, lab, event=event)
+    assert result["rc"] == 0, result.get("msg")
+    assert result["pool"] == {
+        "name": "cpu",
+        "tag": "swarm_worker",
+        "template": "golden",
+        "count": 2,
+        "max_count": 6,
+        "cores": 2,
+        "memory": 4096,
+        "cpulimit": None,
+        "ip_range": None,
+        "name_prefix": "mlfleet-cpu",
+        "vmids": [121, 122, 123],
+    }
+    assert result["grow_to"] == 4, result["reason"]
+
+
+def test_a_service_on_another_pool_sees_neither_its_workers_nor_its_vms(lab, capsys):
+    # resnet18 runs on the workers of pool cpu (label mlfleet.pool=swarm_worker); densenet161 on pool gpu, which has no
+    # worker yet: its scale-out clones a VM of pool gpu and counts no worker of pool cpu as room.
+    pools = [*POOLS, {"name": "gpu", "tag": "gpu_worker", "count": 0, "max_count": 2, "cores": 8, "memory": 16384, "template": 9001}]
+    serving = [{"service": "resnet18", "pool": "cpu"}, {"service": "densenet161", "pool": "gpu"}]
+    lab.swarms[0].add_service("densenet161", replicas=0)
+    test_swarm_scale_plan.set_resources(lab.swarms[0], "densenet161", 1.0, constraints=["node.role==worker", "node.labels.mlfleet.pool==gpu_worker"])
+    result = decide(capsys, lab, service="densenet161", worker_pools=pools, serving=serving)
+    assert result["rc"] == 0, result.get("msg")
+    assert (result["pool"]["name"], result["pool"]["vmids"], result["pool"]["template"]) == ("gpu", [], 9001)
+    assert (result["active_vmids"], result["grow_to"]) == ([], 1), result["reason"]
+    scale_in = decide(capsys, lab, action="scale_in", service="densenet161", worker_pools=pools, serving=serving)
+    assert scale_in["rc"] == 0, scale_in.get("msg")
+    assert (scale_in["leave_vmids"], scale_in["orphan_vmids"]) == ([], [])
+
+
+def test_the_deprecated_mlfleet_workers_still_scales_and_warns(lab, capsys):
+    legacy = {"count": 2, "max_count": 6, "cores": 2, "memory": 4096}
+    result = decide(
+        capsys, lab, action="scale_in", service="resnet18", worker_pools=None, workers=legacy, autoscale=QUICK | {"services": {"resnet18": {"min": 2}}}
+    )
+    assert result["rc"] == 0, result.get("msg")
+    assert (result["pool"]["name"], result["pool"]["name_prefix"], result["leave_vmids"]) == ("workers", "mlfleet-worker", [123])
+    # ansible-core 2.19 and later wrap each deprecation's message as an event.
+    assert [(d.get("event") or d)["msg"] for d in result["deprecations"]] == [
+        "mlfleet_workers is deprecated: define the pool in mlfleet_worker_pools instead, as [{name: workers, tag: swarm_worker, count: 2, "
+        "max_count: 6, cores: 2, memory: 4096}] (the same VMs, names and tag); mlfleet_workers will be removed in mlfleet.serving 2.0.0"
+    ]
+
+
+def test_a_service_that_names_an_unknown_pool_fails_naming_it(lab, capsys):
+    result = decide(capsys, lab, service="resnet18", serving=[{"service": "resnet18", "pool": "gpu"}])
+    assert result["failed"]
+    assert result["msg"] == "Cannot scale: mlfleet_serving service resnet18 names pool 'gpu', which mlfleet_worker_pools does not define (cpu)"

@@ -18,6 +18,7 @@ import json
 import docker
 import pytest
 from ansible.module_utils import _internal as module_utils_internal
+from ansible.module_utils.common import warnings as module_warnings
 from ansible.module_utils.testing import patch_module_args
 from docker.errors import APIError, DockerException
 
@@ -586,6 +587,9 @@ def run_module(capsys, module, check_mode=False, diff=False, **args):
     if diff:
         args["_ansible_diff"] = True
     capsys.readouterr()
+    # A module's warnings and deprecations are process-wide in ansible-core: each run reports only its own.
+    for collected in ("_global_warnings", "_global_deprecations"):
+        getattr(module_warnings, collected, {}).clear()
     with patch_module_args(args):
         with pytest.raises(SystemExit) as exited:
             module.main()

@@ -1,0 +1,157 @@
+# Copyright (c) mlfleet.serving maintainers
+# GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
+"""The worker VM pools of a site: the inventory's ``mlfleet_worker_pools``, checked and completed, in one place.
+
+A pool is a set of worker VMs cloned from one template with one size, told apart by the Proxmox tag its VMs carry
+(``proxmox_vm_pool``'s ``pool_tag``), which the swarm keeps as the node label ``mlfleet.pool``. Every service of
+``mlfleet_serving`` runs on one pool, the one it names (``pool``) or the only one. The autoscaler grows and shrinks the
+pool of the service it scales, between the pool's ``count`` and ``max_count``.
+
+The single-pool variable ``mlfleet_workers`` of earlier releases still works: it is read as one pool named
+``workers`` with the tag ``swarm_worker``, and it warns that it is deprecated. A ValueError always names the pool
+entry or service at fault and the fix.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+# The pool that mlfleet_workers describes: its VMs carry this tag and are named <cluster>-worker-<vmid>, as before.
+LEGACY_POOL = {"name": "workers", "tag": "swarm_worker", "name_prefix_suffix": "worker"}
+DEPRECATION = (
+    "mlfleet_workers is deprecated: define the pool in mlfleet_worker_pools instead, as "
+    "[{{name: workers, tag: swarm_worker, {fields}}}] (the same VMs, names and tag); mlfleet_workers will be removed in "
+    "mlfleet.serving 2.0.0"
+)
+# Proxmox's tag format (pve-common's PVE::JSONSchema pve-tag), lower case as Proxmox stores it.
+TAG = re.compile(r"^[a-z0-9_][a-z0-9_\-+.]*$")
+NAME = re.compile(r"^[a-z][a-z0-9-]{0,30}$")
+FIELDS = ("name", "tag", "template", "count", "max_count", "cores", "memory", "cpulimit", "ip_range", "name_prefix")
+WHERE = "mlfleet_worker_pools"
+
+
+def _whole(where, key, value, minimum):
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise ValueError(f"{where}.{key} must be a whole number of {minimum} or more, got {value!r}")
+    try:
+        number = float(value)
+    except ValueError:
+        raise ValueError(f"{where}.{key} must be a whole number of {minimum} or more, got {value!r}") from None
+    if not math.isfinite(number) or number != int(number) or number < minimum:
+        raise ValueError(f"{where}.{key} must be a whole number of {minimum} or more, got {value!r}")
+    return int(number)
+
+
+def _pool(entry, index, template, cluster, legacy=False):
+    where = "mlfleet_workers" if legacy else f"{WHERE}[{index}]"
+    if not isinstance(entry, dict):
+        raise ValueError(f"{where} must be a mapping such as {{name: cpu, tag: swarm_worker, count: 2, max_count: 4, cores: 2, memory: 4096}}, got {entry!r}")
+    if legacy:
+        entry = dict(entry, name=LEGACY_POOL["name"], tag=LEGACY_POOL["tag"])
+    unknown = sorted(set(entry) - set(FIELDS))
+    if unknown:
+        raise ValueError(f"{where} has unknown keys {', '.join(unknown)}; a pool takes {', '.join(FIELDS)}")
+    name = entry.get("name")
+    if not isinstance(name, str) or not NAME.match(name):
+        raise ValueError(f"{where}.name must be a short name of lower-case letters, digits and dashes (such as cpu or gpu-a100), got {name!r}")
+    where = f"{WHERE} pool {name}" if not legacy else where
+    tag = entry.get("tag")
+    if not isinstance(tag, str) or not TAG.match(tag):
+        raise ValueError(
+            f"{where}.tag must be a Proxmox tag (lower-case letters, digits, _ - + .; such as swarm_worker or gpu_worker) "
+            f"that marks the pool's VMs, got {tag!r}"
+        )
+    pool = {"name": name, "tag": tag}
+    pool["template"] = entry.get("template", template)
+    if not isinstance(pool["template"], (str, int)) or isinstance(pool["template"], bool) or str(pool["template"]) == "":
+        raise ValueError(f"{where}.template must name the template VM its VMs are cloned from (or set mlfleet_template), got {pool['template']!r}")
+    if "count" not in entry:
+        raise ValueError(f"{where} needs count: the VMs the pool keeps at least (site.yml provisions them)")
+    pool["count"] = _whole(where, "count", entry["count"], 0)
+    pool["max_count"] = _whole(where, "max_count", entry.get("max_count", pool["count"]), 0)
+    if pool["max_count"] < pool["count"]:
+        raise ValueError(f"{where}: max_count {pool['max_count']} is below count {pool['count']}; raise max_count")
+    for key in ("cores", "memory"):
+        if key not in entry:
+            raise ValueError(f"{where} needs {key}: the {'CPUs' if key == 'cores' else 'memory in MiB'} of each VM")
+        pool[key] = _whole(where, key, entry[key], 1)
+    cpulimit = entry.get("cpulimit")
+    if cpulimit is not None:
+        try:
+            limit = float(cpulimit) if not isinstance(cpulimit, bool) else math.nan
+        except (TypeError, ValueError):
+            limit = math.nan
+        if not 0 < limit <= pool["cores"]:
+            raise ValueError(f"{where}.cpulimit must be a number of host CPUs above 0 and at most cores ({pool['cores']}), got {cpulimit!r}")
+        cpulimit = limit
+    pool["cpulimit"] = cpulimit
+    ip_range = entry.get("ip_range")
+    if ip_range is not None and not isinstance(ip_range, dict):
+        raise ValueError(f"{where}.ip_range must be a mapping {{start, end, prefix, gateway}} as proxmox_vm_pool takes it, got {ip_range!r}")
+    pool["ip_range"] = ip_range
+    suffix = LEGACY_POOL["name_prefix_suffix"] if legacy else name
+    pool["name_prefix"] = str(entry.get("name_prefix") or (f"{cluster}-{suffix}" if cluster else suffix))
+    return pool
+
+
+def worker_pools(pools, workers=None, template=None, cluster=""):
+    """``(pools, deprecation)``: the checked pools of ``mlfleet_worker_pools``, or of the deprecated ``mlfleet_workers``
+    (``deprecation`` is then the warning to give, else None). ValueError naming the entry and the fix."""
+    if pools:
+        if workers:
+            raise ValueError(
+                "both mlfleet_worker_pools and the deprecated mlfleet_workers are set: remove mlfleet_workers "
+                "(mlfleet_worker_pools replaces it; its pool is {name: workers, tag: swarm_worker, ...})"
+            )
+        if not isinstance(pools, list):
+            raise ValueError(f"{WHERE} must be a list of pools, got {type(pools).__name__}")
+        checked = [_pool(entry, index, template, cluster) for index, entry in enumerate(pools)]
+        for key in ("name", "tag"):
+            seen = {}
+            for pool in checked:
+                if pool[key] in seen:
+                    raise ValueError(f"{WHERE}: pools {seen[pool[key]]} and {pool['name']} share the {key} {pool[key]!r}; give each pool its own")
+                seen[pool[key]] = pool["name"]
+        return checked, None
+    if workers:
+        pool = _pool(workers, 0, template, cluster, legacy=True)
+        fields = ", ".join(f"{key}: {value}" for key, value in workers.items() if key in FIELDS and not isinstance(value, dict))
+        return [pool], DEPRECATION.format(fields=fields or "...")
+    raise ValueError(f"{WHERE} must list at least one worker pool, such as [{{name: cpu, tag: swarm_worker, count: 2, max_count: 4, cores: 2, memory: 4096}}]")
+
+
+def service_pools(pools, serving):
+    """``{service: pool name}`` for every entry of ``mlfleet_serving``: the pool it names, else the only pool."""
+    names = [pool["name"] for pool in pools]
+    placed = {}
+    for entry in serving or []:
+        if not isinstance(entry, dict) or not isinstance(entry.get("service"), str):
+            raise ValueError(f"mlfleet_serving entries must be mappings with a service name, got {entry!r}")
+        service = entry["service"]
+        pool = entry.get("pool")
+        if pool is None:
+            if len(names) > 1:
+                raise ValueError(f"mlfleet_serving service {service} must name its pool (pool: one of {', '.join(names)}): the site has several worker pools")
+            pool = names[0]
+        if pool not in names:
+            raise ValueError(f"mlfleet_serving service {service} names pool {pool!r}, which mlfleet_worker_pools does not define ({', '.join(names)})")
+        placed[service] = pool
+    return placed
+
+
+def pool_members(pool, members):
+    """The keys (host names or VM ids) of the inventory's workers ``{key: tags}`` that carry the pool's tag."""
+    found = []
+    for key, tags in (members or {}).items():
+        if isinstance(tags, str):
+            tags = [tag for tag in re.split(r"[;,\s]+", tags) if tag]
+        if pool["tag"] in (tags or []):
+            found.append(key)
+    return found
+
+
+def provision_count(pool, current):
+    """The size provision.yml keeps the pool at: its ``current`` size within ``count`` and ``max_count``, so that a
+    re-run of site.yml keeps the size the autoscaler chose."""
+    return max(pool["count"], min(current, pool["max_count"]))
