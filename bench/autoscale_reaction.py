@@ -151,6 +151,63 @@ def plot(timeline: Timeline, t0: float, marks: dict, path: Path):
     figure.savefig(path, dpi=110)
 
 
+def process_tree_cpu(root: int) -> dict:
+    """CPU seconds of the process tree under ``root`` so far: ``total`` (every live process's own CPU and what each
+    reaped of its ended children, so the playbook runs that ended count) and ``rulebook`` (ansible-rulebook's own: the
+    event sources, the rule engine's JVM)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    processes = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()
+        # After the command: state, ppid, ..., utime (14th field of stat), stime, cutime, cstime.
+        own, reaped = (int(fields[11]) + int(fields[12])) / tick, (int(fields[13]) + int(fields[14])) / tick
+        processes[int(entry.name)] = (int(fields[1]), own, reaped, command)
+    tree, grown = {root}, True
+    while grown:
+        children = {pid for pid, (parent, *_rest) in processes.items() if parent in tree} - tree
+        tree |= children
+        grown = bool(children)
+    live = [processes[pid] for pid in tree if pid in processes]
+    return {
+        "total": sum(own + reaped for _parent, own, reaped, _command in live),
+        "rulebook": sum(own for _parent, own, _reaped, command in live if "ansible-rulebook" in command and "_supervise_runs" not in command),
+    }
+
+
+def first_sample_at_least(samples: list[dict], since: float, replicas: int) -> float | None:
+    """When the proxy first had ``replicas`` servers of the service up, at or after ``since`` (monotonic)."""
+    return next((s["t"] for s in samples if s["t"] >= since and s["replicas"] is not None and s["replicas"] >= replicas), None)
+
+
+def decisions_report(events: list[dict], samples: list[dict], t0: float, wall_offset: float) -> list[str]:
+    """One line per scale run: when the replica change was requested, the count the core desired and set, and how
+    long until that many replicas were in rotation."""
+    lines = []
+    for event in sorted(events, key=lambda e: e["fields"].get("started_at", 0)):
+        fields = event["fields"]
+        started = fields.get("started_at", 0) - wall_offset
+        requested = started + fields.get("plan_s", 0)
+        line = (
+            f"  {event['action']:<9} {event['decision']:<10} requested at t0{requested - t0:+7.1f} s: "
+            f"{fields.get('replicas_before', -1)} → desired {fields.get('replicas_desired', -1)}, set {fields.get('replicas_target', -1)}"
+        )
+        target = fields.get("replicas_target", -1)
+        if event["action"] == "scale_out" and event["decision"] == "acted" and target > 0:
+            in_rotation = first_sample_at_least(samples, requested, target)
+            line += f"; all {target} in rotation {in_rotation - requested:.1f} s after the request" if in_rotation else f"; {target} never all in rotation"
+        if fields.get("workers_after", 0) != fields.get("workers_before", 0):
+            line += f"; worker VMs {fields.get('workers_before')} → {fields.get('workers_after')}"
+        lines.append(line)
+    return lines
+
+
 def phase_table(event: dict, t0: float, up_at: float | None, first: float | None) -> list[tuple[str, float]]:
     fields = event["fields"]
     received, started = fields.get("event_received_at", 0), fields.get("started_at", 0)
@@ -205,6 +262,7 @@ def main():
             workers_before = {n["vmid"] for n in swarm_nodes(timeline.manager) if n["role"] == "worker"}
             replicas_before = len(lab.servers_up(args.service))
             burst = Load(lab.endpoint, args.service, body.data, body.content_type, clients=args.clients, max_requests=100000, max_seconds=args.max_seconds)
+            cpu_before = process_tree_cpu(autoscaler.process.pid)
             with burst:
                 t0 = time.monotonic()
                 marks["t0 load step"] = t0
@@ -232,11 +290,14 @@ def main():
             wait("the autoscaler back at its minimum", lambda: len(lab.servers_up(args.service)) <= replicas_before
                  and {n["vmid"] for n in swarm_nodes(timeline.manager) if n["role"] == "worker"} <= workers_before | set(), 900, interval=2)  # fmt: skip
             marks["back at the minimum"] = time.monotonic()
+            cpu_after = process_tree_cpu(autoscaler.process.pid)
             time.sleep(5)
         timeline.stopping.set()
         timeline.join(timeout=10)
     wall_offset = time.time() - time.monotonic()
-    print(f"\nload step to {args.clients} clients at t0; fast path t1 = {t1 - t0:.1f} s (target ≤ 15 s)")
+    requested = fast_event["fields"]["started_at"] + fast_event["fields"].get("plan_s", 0) - wall_offset
+    print(f"\nload step to {args.clients} clients at t0; replica change requested at t0 + {requested - t0:.1f} s (target ≤ 6 s)")
+    print(f"fast path t1 (first 2xx from a new task, cold replicas) = {t1 - t0:.1f} s")
     for name, seconds in phase_table(fast_event, t0, up_at, t1):
         print(f"  {name:<48} {seconds:6.1f} s")
     vm_started = vm_event["fields"]["event_received_at"] - wall_offset
@@ -245,6 +306,21 @@ def main():
           f"{durations['boot_to_agent']:.0f}); beyond the boot {t1_vm - vm_started - boot:.1f} s (target ≤ 60 s)")  # fmt: skip
     for name, seconds in phase_table(vm_event, vm_started, None, None)[1:]:
         print(f"  {name:<48} {seconds:6.1f} s")
+    window = [e for e in audit_events(lab.state, kind="scale") if e["fields"].get("started_at", 0) >= t0 + wall_offset]
+    runs = [e for e in window if not e.get("values", {}).get("suppressed")]
+    suppressed = [e for e in audit_events(lab.state, kind="scale") if e.get("values", {}).get("suppressed") and e["time"] >= time.strftime(
+        "%Y-%m-%dT%H:%M:%S", time.gmtime(t0 + wall_offset))]  # fmt: skip
+    print(f"\nscale runs from t0 until back at the minimum: {len(runs)} (of {args.service}: "
+          f"{len([e for e in runs if e.get('service') == args.service])}), of which not acted: {len([e for e in runs if e['decision'] == 'not_acted'])}; "
+          f"decisions not to act that ran no playbook (serving_pressure's summaries): {sum(e['fields'].get('suppressed', 0) for e in suppressed)}")  # fmt: skip
+    for line in decisions_report([e for e in runs if e.get("service") == args.service], timeline.samples, t0, wall_offset):
+        print(line)
+    spent = cpu_after["total"] - cpu_before["total"]
+    rulebook = cpu_after["rulebook"] - cpu_before["rulebook"]
+    seconds = marks["back at the minimum"] - t0
+    print(f"control host CPU of the autoscaler from t0 until back at the minimum ({seconds:.0f} s): {spent:.1f} s; ansible-rulebook itself "
+          f"(event sources, rule engine) {rulebook:.1f} s ({rulebook / seconds * 100:.1f}% of a core); the scale playbook runs "
+          f"{spent - rulebook:.1f} s, {(spent - rulebook) / max(len(runs), 1):.1f} s per run (playbook start included)")  # fmt: skip
     answers = burst.answers + calm.answers
     failed = [a for a in answers if a.status != 200]
     print(f"\nrequests over the whole run: {len(answers)}, failed {len(failed)}; burst: {burst.summary()}; calm (through the scale-in): {calm.summary()}")
