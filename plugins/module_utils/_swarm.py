@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import shlex
 import shutil
+import socket
 import subprocess
 import tempfile
 import time
@@ -59,6 +60,21 @@ def describe_api_error(error):
     if isinstance(error, APIError) and error.explanation:
         return str(error.explanation).strip()
     return str(error).strip()
+
+
+def forward_listens(path):
+    """Whether something listens on the Unix socket ``path``. OpenSSH creates the forward's socket file at bind(), before
+    listen(): a client that connects in between is refused (ConnectionRefusedError), so the file alone is not enough."""
+    if not os.path.exists(path):
+        return False
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except OSError:
+        return False
+    finally:
+        probe.close()
+    return True
 
 
 class DockerEndpoint:
@@ -143,7 +159,7 @@ class DockerEndpoint:
             self.close()
             raise SwarmError(f"Cannot start the OpenSSH client to reach {self.url}: {error}; install openssh-client on the control host") from error
         deadline = time.monotonic() + self._connect_timeout + 5
-        while not os.path.exists(local_socket):
+        while not forward_listens(local_socket):
             if self._tunnel.poll() is not None or time.monotonic() > deadline:
                 reason = self._ssh_error() or f"no forward after {self._connect_timeout + 5} s"
                 self.close()

@@ -610,16 +610,23 @@ def test_autoscaler_scales_out_to_a_new_vm_under_load_and_back_in_dropping_nothi
     print(f"calm through the scale-in (1 client): {calm.summary()}")
     assert burst.failures() == [], burst.summary()
     assert calm.failures() == [], calm.summary()
-    # No orphan VM: the pool's running VMs are the swarm's nodes once the scale-in's run ends (a worker leaves the
-    # swarm before its run destroys its VM).
+
+    # The scale-in's run ends after its worker left the swarm: it destroys the VM, then records the decision.
+    def resnet18_events():
+        return [
+            e for e in audit_events(site["state"], kind="scale", service="resnet18") if e["time"] >= time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(started))
+        ]
+
     wait_for(
-        "every running VM of the lab a node of the swarm",
-        lambda: running_vm_vmids(site["env"]["MLFLEET_LAB_NAME"]) == {n["vmid"] for n in swarm_nodes(manager_container())},
+        "the audit record of the scale-in back to 2 replicas",
+        lambda: any(e["action"] == "scale_in" and e["decision"] == "acted" and e["fields"].get("replicas_after") == 2 for e in resnet18_events()),
         timeout=120,
         context=decisions,
     )
+    # No orphan VM: the pool's running VMs are the swarm's nodes.
+    assert running_vm_vmids(site["env"]["MLFLEET_LAB_NAME"]) == {n["vmid"] for n in swarm_nodes(manager_container())}, decisions()
     # The audit trail says who decided what, from which figures.
-    events = [e for e in audit_events(site["state"], kind="scale", service="resnet18") if e["time"] >= time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(started))]
+    events = resnet18_events()
     acted_out = [e for e in events if e["action"] == "scale_out" and e["decision"] == "acted"]
     acted_in = [e for e in events if e["action"] == "scale_in" and e["decision"] == "acted"]
     assert acted_out and all(e["source"] == "serving_pressure" for e in acted_out), events

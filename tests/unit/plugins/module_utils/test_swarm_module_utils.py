@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import os
+import socket
 
 import docker
 import pytest
@@ -41,24 +42,36 @@ SSH_ARGS = "-o StrictHostKeyChecking=no -o 'ProxyCommand=ssh -W %h:%p bastion'"
 class FakeSsh:
     """Stands in for the OpenSSH client: creates the local end of the -L forward, or fails like ssh."""
 
-    def __init__(self, argv, stdin=None, stdout=None, stderr=None, failure=None, forwards=True):
+    def __init__(self, argv, stdin=None, stdout=None, stderr=None, failure=None, forwards=True, listens_after_polls=0):
         self.argv = argv
         self.returncode = None
         self.terminated = False
         self.local_socket = argv[argv.index("-L") + 1].split(":", 1)[0]
+        self.listener = None
+        self.listens_after_polls = listens_after_polls
         if failure:
             stderr.write(failure.encode())
             stderr.flush()
             self.returncode = 255
         elif forwards:
-            open(self.local_socket, "w").close()
+            # As OpenSSH does: bind() creates the socket file; listen() follows, here only after some polls.
+            self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self.listener.bind(self.local_socket)
+            if not listens_after_polls:
+                self.listener.listen()
 
     def poll(self):
+        if self.listener is not None and self.listens_after_polls:
+            self.listens_after_polls -= 1
+            if not self.listens_after_polls:
+                self.listener.listen()
         return self.returncode
 
     def terminate(self):
         self.terminated = True
         self.returncode = -15
+        if self.listener is not None:
+            self.listener.close()
 
     def wait(self, timeout=None):
         return self.returncode
@@ -115,11 +128,12 @@ def ssh(monkeypatch):
     class Processes(list):
         failure = None
         forwards = True
+        listens_after_polls = 0
 
     processes = Processes()
 
     def popen(argv, **kwargs):
-        processes.append(FakeSsh(argv, failure=processes.failure, forwards=processes.forwards, **kwargs))
+        processes.append(FakeSsh(argv, failure=processes.failure, forwards=processes.forwards, listens_after_polls=processes.listens_after_polls, **kwargs))
         return processes[-1]
 
     monkeypatch.setattr(_swarm.subprocess, "Popen", popen)
@@ -186,6 +200,18 @@ def test_ssh_failure_names_the_url_and_ssh_reason(ssh, docker_client):
     message = str(error.value)
     assert SSH_URL in message and "Permission denied (publickey)" in message and "stream-local forwarding" in message
     assert not os.path.exists(os.path.dirname(ssh[0].local_socket)) and docker_client == []
+
+
+def test_the_docker_client_waits_until_ssh_listens_on_the_forward_not_only_until_its_socket_exists(ssh, docker_client):
+    # OpenSSH binds the forward's socket (the file appears) before it listens: a client connecting in between is
+    # refused, as a scale run's first Docker call was in the lab (ConnectionRefusedError 111).
+    ssh.listens_after_polls = 3
+    opened = endpoint()
+    opened.open()
+    [process] = ssh
+    assert process.listens_after_polls == 0, "the client was built before ssh listened"
+    assert docker_client[0].base_url == f"unix://{process.local_socket}"
+    opened.close()
 
 
 def test_ssh_that_never_forwards_times_out(ssh, clock):

@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+import pytest
+from ansible.module_utils import _internal as module_utils_internal
 from test_swarm_join import run_module
 
 from ansible_collections.mlfleet.serving.plugins.modules import worker_pools_info
 
 CPU = {"name": "cpu", "tag": "swarm_worker", "count": 2, "max_count": 4, "cores": 2, "memory": 4096}
 GPU = {"name": "gpu", "tag": "gpu_worker", "count": 0, "max_count": 2, "cores": 8, "memory": 32768}
+
+
+@pytest.fixture(autouse=True)
+def module_side(monkeypatch):
+    # Controller code imported by other tests makes module deprecations go to the display instead of the result.
+    monkeypatch.setattr(module_utils_internal, "is_controller", False)
+
+
 MEMBERS = {"w1": ["mlfleet", "swarm_worker"], "w2": ["mlfleet", "swarm_worker"], "w3": ["mlfleet", "swarm_worker"], "g1": ["gpu_worker"]}
 
 
