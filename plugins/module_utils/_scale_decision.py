@@ -467,3 +467,58 @@ def settle(plan, scale, reasons, floor_reason, settings, values, swarm, pool_vmi
     if plan["change_replicas"] or plan["grow_to"] > 0 or plan["leave_vmids"] or plan["orphan_vmids"] or plan["join_vmids"]:
         plan["decision"] = "act"
     return plan
+
+
+# The end of a run: what it destroys and how it ended.
+
+
+def plan_pool_vmids(plan):
+    return [int(vmid) for vmid in (plan.get("pool") or {}).get("vmids") or []]
+
+
+def vms_to_destroy(plan, left_vmids):
+    """The VMs the run destroys once its workers left: those that left the swarm and the pool VMs that never joined
+    (``orphan_vmids``), only those still in the pool.
+
+    A VM counted as removed that was already gone would make mlfleet.serving.proxmox_vm_pool take another, running one
+    to reach the count, so the count kept is the pool's VMs as the decision saw them less these. A run that removes VMs
+    clones none, so that pool is current. A plan without a pool (the decision itself failed) destroys nothing.
+    """
+    pool = plan_pool_vmids(plan)
+    removed = sorted(({int(vmid) for vmid in left_vmids} | {int(vmid) for vmid in plan.get("orphan_vmids") or []}) & set(pool))
+    return {"remove_vmids": removed, "keep": len(pool) - len(removed)}
+
+
+def run_outcome(plan, decision, reason, fields, failures=(), created=(), destroyed=None, joined=(), replicas_after_join=None):
+    """How the run ended, for the audit trail: its decision (``failed`` when any worker failed, ``acted`` when the
+    replicas or the pool changed), the reasons joined, and the fields with the replicas and workers after it.
+
+    ``destroyed`` and ``replicas_after_join`` are the results of the finish's destroy and of the replica change after
+    the join, as the tasks registered them (skipped or absent: the run did not reach them).
+    """
+    destroyed = destroyed if destroyed and not destroyed.get("skipped") else None
+    replicas_after_join = replicas_after_join if replicas_after_join and not replicas_after_join.get("skipped") else None
+    removed = list(destroyed.get("removed") or []) if destroyed else []
+    if replicas_after_join:
+        replicas_after = replicas_after_join["replicas"]
+        replicas_changed = replicas_after_join["replicas"] != replicas_after_join.get("previous_replicas")
+    else:
+        replicas_after = fields.get("replicas_after", fields.get("replicas_before", -1))
+        replicas_changed = False
+    if decision == "failed" or failures:
+        outcome = "failed"
+    elif decision == "acted" or removed or replicas_changed:
+        outcome = "acted"
+    else:
+        outcome = "not_acted"
+    reasons = [reason, *failures]
+    if destroyed:
+        reasons.append("removed VMs " + ", ".join(str(vmid) for vmid in removed))
+    if joined:
+        reasons.append("joined " + ", ".join(joined))
+    workers_after = len(plan_pool_vmids(plan)) + len(created) - len(removed)
+    return {
+        "decision": outcome,
+        "reason": "; ".join(part for part in reasons if part),
+        "fields": dict(fields, replicas_after=int(replicas_after), workers_after=workers_after),
+    }

@@ -13,9 +13,11 @@ from ansible_collections.mlfleet.serving.plugins.module_utils._scale_decision im
     desired_replicas,
     effective_settings,
     event_demand,
+    run_outcome,
     settle_request,
     stabilized,
     state_records,
+    vms_to_destroy,
 )
 
 NOW = 1_800_000_000.0
@@ -456,3 +458,68 @@ def test_the_audit_fields_are_numbers_even_for_a_run_that_stopped_early():
     assert acted == {"replicas_before": 1, "replicas_desired": 3, "replicas_target": 3, "capacity": 4}
     stale = audit_fields(run("scale_out", 2, event={"received_at": NOW - 90}))
     assert stale == {"replicas_before": -1, "replicas_desired": -1, "replicas_target": -1, "capacity": -1}
+
+
+# The end of a run.
+
+POOL_PLAN = {"pool": {"vmids": [121, 122, 123]}, "orphan_vmids": []}
+
+
+@pytest.mark.parametrize(
+    ("plan", "left", "expected"),
+    [
+        # The workers that left are destroyed; the pool keeps the rest.
+        (POOL_PLAN, [123], {"remove_vmids": [123], "keep": 2}),
+        # Pool VMs that never joined go with them, each counted once.
+        (dict(POOL_PLAN, orphan_vmids=[122]), [123, 122], {"remove_vmids": [122, 123], "keep": 1}),
+        # A VM that left but is no longer in the pool (another tool destroyed it) is not counted: counting it would make
+        # the destroy take a running VM to reach the count.
+        (POOL_PLAN, [123, 140], {"remove_vmids": [123], "keep": 2}),
+        # Ids as the inventory gives them (strings) are the same VMs.
+        (POOL_PLAN, ["121"], {"remove_vmids": [121], "keep": 2}),
+        (POOL_PLAN, [], {"remove_vmids": [], "keep": 3}),
+        # A run whose decision failed has no pool: it destroys nothing.
+        ({"decision": None, "orphan_vmids": []}, [123], {"remove_vmids": [], "keep": 0}),
+    ],
+)
+def test_the_vms_a_run_destroys_are_those_that_left_or_never_joined_and_still_in_the_pool(plan, left, expected):
+    assert vms_to_destroy(plan, left) == expected
+
+
+SKIPPED = {"skipped": True, "changed": False}
+
+
+@pytest.mark.parametrize(
+    ("decision", "kwargs", "expected"),
+    [
+        # Nothing happened: not acted, the replicas as they were.
+        ("not_acted", {}, ("not_acted", "at the maximum", 2, 3)),
+        # A replica change noted earlier in the run.
+        ("acted", {"fields": {"replicas_before": 2, "replicas_after": 4}}, ("acted", "at the maximum", 4, 3)),
+        # A worker that failed to join fails the run, whatever it did before.
+        ("acted", {"failures": ["w4 did not join: timeout"]}, ("failed", "at the maximum; w4 did not join: timeout", 2, 3)),
+        ("failed", {}, ("failed", "at the maximum", 2, 3)),
+        # Destroyed VMs: acted, one worker fewer, the reason names them.
+        ("not_acted", {"destroyed": {"removed": [123], "changed": True}}, ("acted", "at the maximum; removed VMs 123", 2, 2)),
+        # A skipped destroy and a skipped replica change are not actions.
+        ("not_acted", {"destroyed": SKIPPED, "replicas_after_join": SKIPPED}, ("not_acted", "at the maximum", 2, 3)),
+        # New VMs joined and the replicas grew onto them.
+        (
+            "acted",
+            {"created": [{"vmid": 124}], "joined": ["w4"], "replicas_after_join": {"replicas": 6, "previous_replicas": 4}},
+            ("acted", "at the maximum; joined w4", 6, 4),
+        ),
+        # The replica count after the join was already right: not by itself an action.
+        ("not_acted", {"replicas_after_join": {"replicas": 4, "previous_replicas": 4}}, ("not_acted", "at the maximum", 4, 3)),
+    ],
+)
+def test_how_a_run_ended(decision, kwargs, expected):
+    fields = kwargs.pop("fields", {"replicas_before": 2})
+    outcome = run_outcome(POOL_PLAN, decision, "at the maximum", fields, **kwargs)
+    assert (outcome["decision"], outcome["reason"], outcome["fields"]["replicas_after"], outcome["fields"]["workers_after"]) == expected
+    assert outcome["fields"]["replicas_before"] == fields["replicas_before"]
+
+
+def test_a_run_that_never_sized_reports_minus_one_replicas_after():
+    outcome = run_outcome({"decision": None}, "failed", "", {})
+    assert (outcome["decision"], outcome["fields"]) == ("failed", {"replicas_after": -1, "workers_after": 0})

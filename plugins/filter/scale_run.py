@@ -1,0 +1,42 @@
+# Copyright (c) mlfleet.serving maintainers
+# GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
+"""The end of a scale run, decided by the decision core: which VMs it destroys and how it ended."""
+
+from __future__ import annotations
+
+from ansible.errors import AnsibleFilterError
+
+from ansible_collections.mlfleet.serving.plugins.module_utils._scale_decision import run_outcome, vms_to_destroy
+
+
+def _plan(plan, name):
+    if not hasattr(plan, "get"):
+        raise AnsibleFilterError(f"{name} expects the plan mlfleet.serving.scale_decision returned (registered), not {type(plan).__name__}")
+    return plan
+
+
+def scale_vms_to_destroy(plan, left_vmids):
+    """The VMs a scale-in destroys and the count its pool keeps."""
+    return vms_to_destroy(_plan(plan, "scale_vms_to_destroy"), left_vmids or [])
+
+
+def scale_outcome(plan, decision, reason, fields, failures=None, created=None, destroyed=None, joined=None, replicas_after_join=None):
+    """How a scale run ended: its decision, reasons and fields for the audit trail."""
+    if not hasattr(fields, "get"):
+        raise AnsibleFilterError("scale_outcome: fields must be the run's audit fields (a dict)")
+    return run_outcome(
+        _plan(plan, "scale_outcome"),
+        decision,
+        reason,
+        fields,
+        failures=list(failures or []),
+        created=list(created or []),
+        destroyed=destroyed,
+        joined=list(joined or []),
+        replicas_after_join=replicas_after_join,
+    )
+
+
+class FilterModule:
+    def filters(self):
+        return {"scale_vms_to_destroy": scale_vms_to_destroy, "scale_outcome": scale_outcome}
