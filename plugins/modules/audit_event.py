@@ -22,19 +22,16 @@ description:
     and each number in O(values) as a float field named C(value_) followed by its key, so dashboards can plot it.
 author:
   - mlfleet.serving maintainers (@mlfleet)
+extends_documentation_fragment:
+  - mlfleet.serving.attributes
 attributes:
   check_mode:
-    description: Can run in check_mode and return changed status prediction without modifying target.
     support: full
     details:
       - Nothing is written, neither to the log, the spool nor InfluxDB; RV(event) is the event that would be written.
   diff_mode:
-    description: Will return details on what has changed (or possibly needs changing in check_mode), when in diff mode.
     support: none
   idempotent:
-    description:
-      - When run twice in a row outside check mode, with the same arguments, the second invocation indicates no change.
-      - This assumes that the system controlled/queried by the module has not changed in a relevant way.
     support: full
     details:
       - Only with the same O(event_id); without it, every run records a new event.

@@ -30,19 +30,16 @@ author:
 requirements:
   - Python 3.11 or later (for C(tomllib)) on the host that runs the module.
   - PyYAML.
+extends_documentation_fragment:
+  - mlfleet.serving.attributes
 attributes:
   check_mode:
-    description: Can run in check_mode and return changed status prediction without modifying target.
     support: full
     details:
       - The module only reads; it checks the same way in check mode.
   diff_mode:
-    description: Will return details on what has changed (or possibly needs changing in check_mode), when in diff mode.
     support: none
   idempotent:
-    description:
-      - When run twice in a row outside check mode, with the same arguments, the second invocation indicates no change.
-      - This assumes that the system controlled/queried by the module has not changed in a relevant way.
     support: full
 options:
   grafana_dir:

@@ -26,24 +26,20 @@ description:
 author:
   - mlfleet.serving maintainers (@mlfleet)
 extends_documentation_fragment:
+  - mlfleet.serving.attributes
   - mlfleet.serving.proxmox
   - mlfleet.serving.scale_lease
 attributes:
   check_mode:
-    description: Can run in check_mode and return changed status prediction without modifying target.
     support: full
     details:
       - Reports the VMs it would create (vmid, name, node, address) and remove, and sends no write.
       - The vmids of planned VMs are the ones free at the time of the check; a real run allocates them again.
   diff_mode:
-    description: Will return details on what has changed (or possibly needs changing in check_mode), when in diff mode.
     support: full
     details:
       - The diff shows the member count and the member vmids before and after.
   idempotent:
-    description:
-      - When run twice in a row outside check mode, with the same arguments, the second invocation indicates no change.
-      - This assumes that the system controlled/queried by the module has not changed in a relevant way.
     support: full
     details:
       - A re-run on a converged pool sends no POST, PUT or DELETE request.

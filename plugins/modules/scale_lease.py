@@ -38,20 +38,17 @@ description:
     could let two scale runs act at once. Delete it when no scale playbook runs (its cooldown records go with it).
 author:
   - mlfleet.serving maintainers (@mlfleet)
+extends_documentation_fragment:
+  - mlfleet.serving.attributes
 attributes:
   check_mode:
-    description: Can run in check_mode and return changed status prediction without modifying target.
     support: full
     details:
       - Nothing is written, not even the lock file. The module does not wait in check mode; it reports whether the
         lease could be taken or given back now.
   diff_mode:
-    description: Will return details on what has changed (or possibly needs changing in check_mode), when in diff mode.
     support: none
   idempotent:
-    description:
-      - When run twice in a row outside check mode, with the same arguments, the second invocation indicates no change.
-      - This assumes that the system controlled/queried by the module has not changed in a relevant way.
     support: partial
     details:
       - Acquiring again with the same O(holder) renews the lease and reports a change, because its expiry moves.

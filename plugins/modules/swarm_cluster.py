@@ -17,20 +17,16 @@ description:
 author:
   - mlfleet.serving maintainers (@mlfleet)
 extends_documentation_fragment:
+  - mlfleet.serving.attributes
   - mlfleet.serving.docker_api
 attributes:
   check_mode:
-    description: Can run in check_mode and return changed status prediction without modifying target.
     support: full
   diff_mode:
-    description: Will return details on what has changed (or possibly needs changing in check_mode), when in diff mode.
     support: full
     details:
       - The diff shows whether the node is a manager, autolock, and the declared networks with their options.
   idempotent:
-    description:
-      - When run twice in a row outside check mode, with the same arguments, the second invocation indicates no change.
-      - This assumes that the system controlled/queried by the module has not changed in a relevant way.
     support: full
 options:
   advertise_addr:

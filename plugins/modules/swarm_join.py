@@ -27,23 +27,19 @@ description:
 author:
   - mlfleet.serving maintainers (@mlfleet)
 extends_documentation_fragment:
+  - mlfleet.serving.attributes
   - mlfleet.serving.docker_api
   - mlfleet.serving.scale_lease
 attributes:
   check_mode:
-    description: Can run in check_mode and return changed status prediction without modifying target.
     support: full
     details:
       - Reports the actions it would take (leave, join, role, availability and label changes, drain) and changes nothing.
   diff_mode:
-    description: Will return details on what has changed (or possibly needs changing in check_mode), when in diff mode.
     support: full
     details:
       - The diff shows the node's membership, role, availability and labels before and after.
   idempotent:
-    description:
-      - When run twice in a row outside check mode, with the same arguments, the second invocation indicates no change.
-      - This assumes that the system controlled/queried by the module has not changed in a relevant way.
     support: full
     details:
       - Only labels named in O(labels), O(vmid) and O(pool) are compared; other labels are left alone.

@@ -20,23 +20,19 @@ description:
 author:
   - mlfleet.serving maintainers (@mlfleet)
 extends_documentation_fragment:
+  - mlfleet.serving.attributes
   - mlfleet.serving.docker_api
   - mlfleet.serving.scale_lease
 attributes:
   check_mode:
-    description: Can run in check_mode and return changed status prediction without modifying target.
     support: full
     details:
       - Nothing is written and nothing is waited for; RV(running_tasks) and RV(nodes) describe the service as it is.
   diff_mode:
-    description: Will return details on what has changed (or possibly needs changing in check_mode), when in diff mode.
     support: full
     details:
       - The replica count before and after.
   idempotent:
-    description:
-      - When run twice in a row outside check mode, with the same arguments, the second invocation indicates no change.
-      - This assumes that the system controlled/queried by the module has not changed in a relevant way.
     support: full
     details:
       - With O(wait=true), an unchanged count still waits until the replicas run.

@@ -25,25 +25,21 @@ description:
 author:
   - mlfleet.serving maintainers (@mlfleet)
 extends_documentation_fragment:
+  - mlfleet.serving.attributes
   - mlfleet.serving.torchserve
   - mlfleet.serving.docker_api
 attributes:
   check_mode:
-    description: Can run in check_mode and return changed status prediction without modifying target.
     support: full
     details:
       - Reads the models and reports the registrations, scaling, default version changes and removals it would make,
         and changes nothing.
   diff_mode:
-    description: Will return details on what has changed (or possibly needs changing in check_mode), when in diff mode.
     support: full
     details:
       - The diff shows the model's versions concerned before and after, with their URL, default flag, workers and batch
         settings. With O(service) there is one diff per container.
   idempotent:
-    description:
-      - When run twice in a row outside check mode, with the same arguments, the second invocation indicates no change.
-      - This assumes that the system controlled/queried by the module has not changed in a relevant way.
     support: full
 options:
   name:
