@@ -279,7 +279,7 @@ def main():
                 new_workers = wait("a new worker VM in the swarm", lambda: {n["hostname"] for n in swarm_nodes(timeline.manager)
                                    if n["role"] == "worker" and n["vmid"] not in workers_before and n["status"] == "ready"}, 900)  # fmt: skip
                 known_now = {a.task for a in burst.answers if a.task}
-                vm_first = wait("a 2xx from a task on the new VM", lambda: first_new_answer(burst, known_now, t0, new_workers), 900)
+                vm_first = wait("a 2xx from a task on the new VM", lambda: first_new_answer(burst, known, t0, new_workers), 900)
                 t1_vm = vm_first.started + vm_first.seconds
                 marks["t1 new VM"] = t1_vm
                 vm_event = wait("the audit event of the scale-out that grew the pool", lambda: next((e for e in audit_events(
