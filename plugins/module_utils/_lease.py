@@ -15,7 +15,11 @@ they were recorded), which the serving_pressure event source reads to ask less o
 maximum; the effective settings each service's last run decided with (``settings``: bounds, cooldowns, target per
 replica, stabilization); and the history of the replica counts each run desired (``history``: ``[[at, count]]`` per
 service, oldest first, at most HISTORY_SECONDS old and HISTORY_ENTRIES long), from which a scale-in takes the highest
-count of its stabilization window.
+count of its stabilization window. A run that decided not to act records what it decided on (``quiet``, per
+``<service>:<direction>``: ``at``, the ``replicas`` the service had, the ``desired`` count, and ``until``, when time
+alone could change the decision, null for never): the event sources send no event that could only meet the same
+decision again, until the service's replicas or the demand change, any run acts, or ``until`` passes. An action drops
+every such record.
 
 Every read-modify-write happens under an exclusive ``flock`` on the sidecar ``<path>.lock``. The data file is never
 locked: it is replaced atomically (a temporary file in the same directory, fsync, ``os.replace``), so a reader without
@@ -171,6 +175,13 @@ def data_problem(data):
     settings = data.get("settings", {})
     if not isinstance(settings, dict) or not all(isinstance(entry, dict) for entry in settings.values()):
         return "'settings' is not an object of objects"
+    quiet = data.get("quiet", {})
+    if not isinstance(quiet, dict):
+        return "'quiet' is not an object"
+    for key, entry in quiet.items():
+        problem = quiet_problem(entry) or (None if is_time(entry.get("at")) else f"at {entry.get('at')!r} is not a number")
+        if problem:
+            return f"quiet[{key!r}]: {problem}"
     history = data.get("history", {})
     if not isinstance(history, dict):
         return "'history' is not an object"
@@ -204,6 +215,35 @@ def check_desired(desired):
         return None if whole(entry.get("replicas"), 0) else f"replicas {entry.get('replicas')!r} is not a whole number of 0 or more"
 
     return {service: entry["replicas"] for service, entry in checked_entries("desired", desired, ("replicas",), problem, "give the replicas the run desired")}
+
+
+def quiet_problem(entry):
+    """What is wrong with one decision not to act ``{direction, replicas, desired, until}``, or None."""
+    if not isinstance(entry, dict):
+        return "an entry is not an object"
+    if entry.get("direction") not in ("scale_out", "scale_in"):
+        return f"direction {entry.get('direction')!r} is not scale_out or scale_in"
+    for field in ("replicas", "desired"):
+        if not whole(entry.get(field), 0):
+            return f"{field} {entry.get(field)!r} is not a whole number of 0 or more"
+    if entry.get("until") is not None and not is_time(entry["until"]):
+        return f"until {entry.get('until')!r} is neither a number nor null"
+    return None
+
+
+def check_quiet(quiet):
+    """``quiet`` (``[{service, direction, replicas, desired, until}]``) as ``{"<service>:<direction>": {...}}``; LeaseError
+    naming the entry at fault."""
+    fix = "give the direction, the replicas the service had, the count the run desired and until (epoch seconds or null)"
+    return {
+        f"{service}:{entry['direction']}": entry
+        for service, entry in checked_entries("quiet", quiet, ("direction", "replicas", "desired", "until"), quiet_problem, fix)
+    }
+
+
+def live_quiet(quiet, now):
+    """The decisions not to act recorded within HISTORY_SECONDS of ``now``."""
+    return {key: dict(entry) for key, entry in quiet.items() if now - entry["at"] <= HISTORY_SECONDS}
 
 
 def check_settings(settings):
@@ -314,6 +354,7 @@ def describe(state, now):
         "floors": highest_floors(state["floors"], now),
         "bounds": {service: dict(entry) for service, entry in state["bounds"].items()},
         "settings": {service: dict(entry) for service, entry in state["settings"].items()},
+        "quiet": {key: dict(entry) for key, entry in state["quiet"].items()},
         "history": {service: [list(entry) for entry in entries] for service, entries in state["history"].items()},
         "now": now,
     }
@@ -483,7 +524,7 @@ class LeaseFile:
             with open(self.path, "rb") as handle:
                 raw = handle.read()
         except FileNotFoundError:
-            return {"lease": None, "last_actions": {}, "floors": {}, "bounds": {}, "settings": {}, "history": {}}
+            return {"lease": None, "last_actions": {}, "floors": {}, "bounds": {}, "settings": {}, "quiet": {}, "history": {}}
         except OSError as error:
             raise LeaseError(
                 f"cannot read the lease file {self.path}: {error.strerror}. "
@@ -503,6 +544,7 @@ class LeaseFile:
             "floors": {service: [dict(entry) for entry in entries] for service, entries in data.get("floors", {}).items()},
             "bounds": {service: dict(entry) for service, entry in data.get("bounds", {}).items()},
             "settings": {service: dict(entry) for service, entry in data.get("settings", {}).items()},
+            "quiet": {key: dict(entry) for key, entry in data.get("quiet", {}).items()},
             "history": {service: [list(entry) for entry in entries] for service, entries in data.get("history", {}).items()},
         }
 
@@ -515,6 +557,7 @@ class LeaseFile:
             "floors": dict(sorted(live_floors(state["floors"], now).items())),
             "bounds": dict(sorted(state["bounds"].items())),
             "settings": dict(sorted(state["settings"].items())),
+            "quiet": dict(sorted(live_quiet(state["quiet"], now).items())),
             "history": {service: kept for service, entries in sorted(state["history"].items()) if (kept := prune_history(entries, now))},
         }
         payload = (json.dumps(data, indent=2, allow_nan=False) + "\n").encode("utf-8")
@@ -572,14 +615,7 @@ class LeaseFile:
                 result["taken_over"] = {key: lease.get(key) for key in ("holder", "reason", "acquired_at", "expires_at")}
                 result["taken_over"]["run_ended"] = abandoned
         stored = {"holder": holder, "reason": reason, "acquired_at": acquired_at, "expires_at": now + ttl, "ttl": ttl}
-        state = {
-            "lease": dict(stored, run=run) if run else stored,
-            "last_actions": state["last_actions"],
-            "floors": state["floors"],
-            "bounds": state["bounds"],
-            "settings": state["settings"],
-            "history": state["history"],
-        }
+        state = dict(state, lease=dict(stored, run=run) if run else stored)
         if write:
             self._write(state, now)
         return dict(result, acquired=True, changed=True, **describe(state, now))
@@ -622,11 +658,13 @@ class LeaseFile:
         result["waited"] = round(waited, 3)
         return result
 
-    def release(self, holder, acted=(), now=None, check_mode=False, floors=(), bounds=(), desired=(), settings=()):
+    def release(self, holder, acted=(), now=None, check_mode=False, floors=(), bounds=(), desired=(), settings=(), quiet=()):
         """Give the lease back when ``holder`` holds it, record ``now`` as the last action time of each key of ``acted``,
         add ``floors`` (``[{service, replicas, until, reason}]``) and record ``bounds`` (``[{service, min, max}]``) at
         ``now``, each replacing the service's earlier bounds; append ``desired`` (``[{service, replicas}]``) to the services'
         history at ``now`` and record ``settings`` (``[{service, ...}]``), each replacing the service's earlier settings.
+        ``quiet`` (``[{service, direction, replicas, desired, until}]``) records the run's decisions not to act at ``now``;
+        a release with ``acted`` first drops every earlier one, as the action changed what they were decided on.
 
         When another holder (or nobody) holds it, nothing changes and nothing of ``acted``, ``floors``, ``bounds``,
         ``desired`` or ``settings`` is recorded, so a late release after a takeover never frees someone else's lease.
@@ -635,7 +673,7 @@ class LeaseFile:
         keys = check_acted(acted)
         new_floors = check_floors(floors)
         new_bounds = check_bounds(bounds)
-        records = {"desired": check_desired(desired), "settings": check_settings(settings)}
+        records = {"desired": check_desired(desired), "settings": check_settings(settings), "quiet": check_quiet(quiet)}
         if check_mode:
             return self._release(self.read(), holder, keys, new_floors, new_bounds, records, self._now(now), write=False)
         with self.locked():
@@ -656,7 +694,8 @@ class LeaseFile:
         for service, replicas in records["desired"].items():
             history[service] = [*history.get(service, []), [now, replicas]]
         settings = dict(state["settings"]) | records["settings"]
-        state = {"lease": None, "last_actions": last_actions, "floors": floors, "bounds": bounds, "settings": settings, "history": history}
+        quiet = ({} if keys else dict(state["quiet"])) | {key: dict(entry, at=now) for key, entry in records["quiet"].items()}
+        state = {"lease": None, "last_actions": last_actions, "floors": floors, "bounds": bounds, "settings": settings, "quiet": quiet, "history": history}
         if write:
             self._write(state, now)
         return dict(holder=holder, released=True, changed=True, **describe(state, now))

@@ -286,6 +286,8 @@ def decide(request, settings, state, swarm, pool_vmids, now=None, pool_tag=None)
         "orphan_vmids": [],
         "active_vmids": [],
         "record_desired": None,
+        "quiet": {},
+        "quiet_until": None,
         "protected_vmids": sorted(int(entry) for entry in settings["protected"] if entry.isdigit()),
         "settings": settings,
     }
@@ -353,7 +355,7 @@ def decide(request, settings, state, swarm, pool_vmids, now=None, pool_tag=None)
             plan["reason"] = "; ".join([*reasons, f"has {current}: nothing to add", floor_reason]).strip("; ")
             pool_joins = [vmid for vmid in pool_vmids if vmid not in active_vmids(swarm)]
             if not pool_joins:
-                return plan
+                return record_quiet(plan)
         step = max(target - current, 0)
         scale = plan_scale_out(
             service,
@@ -373,10 +375,15 @@ def decide(request, settings, state, swarm, pool_vmids, now=None, pool_tag=None)
     else:
         target = bounded
         window = settings["stabilization"]["scale_in"]
-        highest = stabilized((state.get("history") or {}).get(service) or [], now, window) if window > 0 else None
+        history = (state.get("history") or {}).get(service) or []
+        highest = stabilized(history, now, window) if window > 0 else None
         if highest is not None and highest > target:
             reasons.append(f"the highest count desired in the last {window:g} s is {highest} (stabilization)")
             target = min(highest, settings["max"])
+            # Time alone lowers the target once the first count above it leaves the window.
+            plan["quiet_until"] = min(at + window for at, count in history if now - at <= window and count > bounded)
+        if floor and min_replicas > settings["min"]:
+            plan["quiet_until"] = min(floor["until"], plan["quiet_until"] or floor["until"])
         target = min(target, current)
         scale = plan_scale_in(
             service,
@@ -403,13 +410,15 @@ def audit_fields(plan):
 
 def state_records(plan):
     """What the run records in the scaler state when it gives the lease back, as mlfleet.serving.scale_lease takes it:
-    its own scheduled floor, the bounds it kept the service to, the count it desired and the settings it decided with."""
+    its own scheduled floor, the bounds it kept the service to, the count it desired, the settings it decided with and,
+    when it decided not to act, what it decided on (``quiet``)."""
     service = plan["service"]
     return {
         "floors": [dict(plan["floor"], service=service)] if plan["floor"] else [],
         "bounds": [{"service": service, "min": plan["min_replicas"], "max": plan["max_replicas"]}],
         "desired": [] if plan["record_desired"] is None else [{"service": service, "replicas": plan["record_desired"]}],
         "settings": [dict(plan["settings"], service=service)],
+        "quiet": [dict(plan["quiet"], service=service)] if plan["decision"] == "none" and plan["quiet"] else [],
     }
 
 
@@ -466,6 +475,21 @@ def settle(plan, scale, reasons, floor_reason, settings, values, swarm, pool_vmi
     plan["change_replicas"] = decision in ("replicas", "replicas_and_nodes") and scale["target_replicas"] != scale["current_replicas"]
     if plan["change_replicas"] or plan["grow_to"] > 0 or plan["leave_vmids"] or plan["orphan_vmids"] or plan["join_vmids"]:
         plan["decision"] = "act"
+    elif not plan["hold_vms"]:
+        # Held VMs wait on the backlog's trend, which changes by itself: no record.
+        record_quiet(plan)
+    return plan
+
+
+def record_quiet(plan):
+    """Note in the plan what its decision not to act was made on, for the scaler state: the same event, on the same
+    replicas and demand, before any action and before ``quiet_until``, can only meet the same decision."""
+    plan["quiet"] = {
+        "direction": plan["direction"],
+        "replicas": plan["current_replicas"],
+        "desired": plan["desired_replicas"],
+        "until": plan["quiet_until"],
+    }
     return plan
 
 

@@ -235,9 +235,23 @@ audit_fields:
 records:
   description:
     - What to record in the scaler state when the run gives the lease back, as the options of the same names of
-      M(mlfleet.serving.scale_lease) take them - C(floors), C(bounds), C(desired) and C(settings).
+      M(mlfleet.serving.scale_lease) take them - C(floors), C(bounds), C(desired), C(settings) and C(quiet), the
+      decision not to act (RV(quiet)) when the run made one.
   returned: always
   type: dict
+quiet:
+  description:
+    - When the run decides not to act, what it decided on - C(direction), the C(replicas) the service has, the count
+      C(desired) within the bounds, and C(until), when time alone could change the decision (a stabilization window or
+      a scheduled floor ends; null for never). Empty when the run acts, stops at a cooldown or a stale event, or holds
+      VMs back on a falling backlog, which changes by itself.
+  returned: always
+  type: dict
+  sample: {direction: scale_in, replicas: 1, desired: 1, until: null}
+quiet_until:
+  description: When time alone could change this run's decision, epoch seconds; null for never.
+  returned: always
+  type: float
 """
 
 from ansible.module_utils.basic import AnsibleModule, missing_required_lib

@@ -174,6 +174,37 @@ options:
     type: list
     elements: dict
     default: []
+  quiet:
+    description:
+      - The decisions not to act the run made (RV(mlfleet.serving.scale_decision#module:records)), only with
+        O(state=released). Each replaces the earlier one of its service and direction and is stored with the time of the
+        release; a release with O(acted) first drops every earlier one, as the action changed what they were decided on.
+      - The serving_pressure event source sends no event that could only meet such a decision again, until the
+        service's replicas or its demand change, any run acts, or O(quiet[].until) passes.
+    type: list
+    elements: dict
+    default: []
+    suboptions:
+      service:
+        description: The Swarm service.
+        type: str
+        required: true
+      direction:
+        description: The direction the run was asked for.
+        type: str
+        choices: [scale_out, scale_in]
+        required: true
+      replicas:
+        description: The replicas the service had.
+        type: int
+        required: true
+      desired:
+        description: The replica count the run desired, within the bounds.
+        type: int
+        required: true
+      until:
+        description: When time alone could change the decision (a stabilization window or a scheduled floor ends), epoch seconds; omit for never.
+        type: float
   heartbeat:
     description:
       - With O(state=acquired), start a renewer once the lease is taken - a process of its own that renews the lease every
@@ -351,6 +382,11 @@ settings:
   returned: success, and when O(fail_when_busy=true) fails the run
   type: dict
   sample: {"resnet18": {"min": 2, "max": 8, "step": 1, "target_per_replica": 4.0, "max_scale_up": 4}}
+quiet:
+  description: Per C(<service>:<direction>), the decision not to act its last run recorded, with the time it was recorded (C(at)).
+  returned: success, and when O(fail_when_busy=true) fails the run
+  type: dict
+  sample: {"densenet161:scale_in": {"direction": "scale_in", "replicas": 1, "desired": 1, "until": null, "at": 1714564500.5}}
 history:
   description:
     - Per service, the replica counts its runs desired, as C([epoch seconds, replicas]), oldest first; at most an hour
@@ -411,6 +447,18 @@ def argument_spec():
             options=dict(service=dict(type="str", required=True), replicas=dict(type="int", required=True)),
         ),
         settings=dict(type="list", elements="dict", default=[]),
+        quiet=dict(
+            type="list",
+            elements="dict",
+            default=[],
+            options=dict(
+                service=dict(type="str", required=True),
+                direction=dict(type="str", choices=["scale_out", "scale_in"], required=True),
+                replicas=dict(type="int", required=True),
+                desired=dict(type="int", required=True),
+                until=dict(type="float"),
+            ),
+        ),
         heartbeat=dict(type="bool", default=False),
         fail_when_busy=dict(type="bool", default=False),
     )
@@ -432,7 +480,7 @@ def main():
     module = AnsibleModule(argument_spec=argument_spec(), required_if=[("state", "released", ("holder",))], supports_check_mode=True)
     params = module.params
     lease = LeaseFile(params["path"])
-    for name in ("acted", "floors", "bounds", "desired", "settings"):
+    for name in ("acted", "floors", "bounds", "desired", "settings", "quiet"):
         if params["state"] == "acquired" and params[name]:
             module.fail_json(msg=f"{name} is recorded when the lease is given back: pass it with state=released")
     try:
@@ -445,6 +493,7 @@ def main():
                 bounds=params["bounds"],
                 desired=params["desired"],
                 settings=params["settings"],
+                quiet=params["quiet"],
             )
         else:
             run = current_run()

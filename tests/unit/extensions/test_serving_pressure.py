@@ -1082,6 +1082,104 @@ def test_a_backlog_the_servers_up_meet_is_not_asked_for_until_it_grows():
     assert seconds(run(sp.PressureTracker(out_threshold=2.0, out_for=4, repeat_after=10), schedule)) == [6, 16, 26]
 
 
+# A recorded decision not to act: a service at its minimum, at T0 - 60.
+QUIET = {"direction": "scale_in", "replicas": 1, "desired": 1, "until": None, "at": T0 - 60}
+QUIET_AT_MAX = {"direction": "scale_out", "replicas": 8, "desired": 8, "until": None, "at": T0 - 60}
+
+
+@pytest.mark.parametrize(
+    ("action", "entry", "backlog", "up", "acted", "bounds", "recheck_after", "held"),
+    [
+        # Nothing changed: the run would decide the same.
+        ("scale_in", QUIET, 0, 1, {}, (1, 8), 300, True),
+        # An action of the service before the decision changes nothing; any action after it may have (other services
+        # leave room, a worker joined or left).
+        ("scale_in", QUIET, 0, 1, {"resnet18:scale_out": T0 - 100}, (1, 8), 300, True),
+        ("scale_in", QUIET, 0, 1, {"densenet161:scale_out": T0 - 30}, (1, 8), 300, False),
+        # Not as many servers up as the service had replicas.
+        ("scale_in", QUIET, 0, 2, {}, (1, 8), 300, False),
+        # A stabilized scale-in: 3 desired of 3; a lower demand may let it act, the same or more may not.
+        ("scale_in", QUIET | {"replicas": 3, "desired": 3}, 9, 3, {}, (1, 8), 300, True),
+        ("scale_in", QUIET | {"replicas": 3, "desired": 3}, 4, 3, {}, (1, 8), 300, False),
+        # Time alone changes the decision at until (the window ends).
+        ("scale_in", QUIET | {"until": T0 + 10}, 0, 1, {}, (1, 8), 300, True),
+        ("scale_in", QUIET | {"until": T0}, 0, 1, {}, (1, 8), 300, False),
+        # A record older than recheck_after lets one run decide again; recheck_after 0 holds nothing back.
+        ("scale_in", QUIET | {"at": T0 - 300}, 0, 1, {}, (1, 8), 300, False),
+        ("scale_in", QUIET, 0, 1, {}, (1, 8), 0, False),
+        # A record from the future (the clock stepped back) holds nothing.
+        ("scale_in", QUIET | {"at": T0 + 5}, 0, 1, {}, (1, 8), 300, False),
+        # At the maximum: more demand asks for no more within the bounds; a raised maximum does.
+        ("scale_out", QUIET_AT_MAX, 40, 8, {}, (1, 8), 300, True),
+        ("scale_out", QUIET_AT_MAX, 40, 8, {}, (1, 12), 300, False),
+        # The record of the other direction says nothing about this one.
+        ("scale_out", QUIET, 40, 1, {}, (1, 8), 300, False),
+    ],
+)
+def test_a_recorded_decision_not_to_act_holds_back_the_same_event_while_nothing_changed(action, entry, backlog, up, acted, bounds, recheck_after, held):
+    figures = sp.BackendFigures(servers=up, servers_up=up, inflight=backlog, queued=0, rtime_ms=0, qtime_ms=0, rate=0, hrsp_5xx=0)
+    recorded = RECORDED | {"cooldown": {"scale_out": 0, "scale_in": 0, "scale_in_after_scale_out": 0}}
+    quiet = {f"resnet18:{entry['direction']}": entry}
+    noop = sp.noop_reason("resnet18", action, figures, T0, recorded, acted, quiet, bounds, recheck_after)
+    assert (noop is not None and noop[0] == "unchanged") == held, noop
+    if held:
+        assert noop[1].startswith("resnet18: nothing changed since its run at ") and "decided not to" in noop[1]
+
+
+def test_the_decision_core_records_what_holds_the_source_back_through_the_lease_file(tmp_path, lease_module):
+    """A service at its minimum, whose workers are all needed: the core decides not to act and records it; the lease
+    file carries the record to this source, which holds the same event back; the next action drops it."""
+    from ansible_collections.mlfleet.serving.plugins.module_utils import _scale_decision as core
+
+    settings = core.effective_settings({"replicas": {"min": 1, "max": 8, "target_per_replica": 4.0}}, "resnet18", {"min": 1, "max": 1, "cores": 2})
+    worker = {"node_id": "w1", "hostname": "w1", "role": "worker", "availability": "active", "status": "ready", "cpus": 2.0,
+              "labels": {}, "platform": {"os": "linux", "arch": "x86_64"}, "vmid": 121, "pool": None}  # fmt: skip
+    swarm = {
+        "nodes": [worker],
+        "services": {"resnet18": {"replicas": 1, "cpus": 1.0, "constraints": [], "max_per_node": 0, "mode": "replicated"}},
+        "tasks": [{"service": "resnet18", "node_id": "w1", "state": "running"}],
+    }
+    now = time.time()
+    event = {"source": "serving_pressure", "received_at": now, "values": {"backlog": 0}}
+    plan = core.decide({"action": "scale_in", "direction": "scale_in", "service": "resnet18", "event": event}, settings, {}, swarm, [121], now=now)
+    assert plan["decision"] == "none"
+    records = core.state_records(plan)
+    assert records["quiet"] == [{"service": "resnet18", "direction": "scale_in", "replicas": 1, "desired": 1, "until": None}]
+    path = tmp_path / "autoscale.lease"
+    lease = lease_module.LeaseFile(str(path))
+    lease.try_acquire("run-a", ttl=60)
+    lease.release("run-a", bounds=records["bounds"], settings=records["settings"], quiet=records["quiet"])
+    state = sp.read_lease(str(path), time.time())
+    figures = sp.BackendFigures(servers=1, servers_up=1, inflight=0, queued=0, rtime_ms=0, qtime_ms=0, rate=0, hrsp_5xx=0)
+    bounds = (state.min_replicas["resnet18"], state.max_replicas["resnet18"])
+    noop = sp.noop_reason("resnet18", "scale_in", figures, time.time(), state.settings["resnet18"], state.last_actions, state.quiet, bounds)
+    assert noop is not None and noop[0] == "unchanged", noop
+    # Another service acts: the record goes, and the next event is emitted.
+    lease.try_acquire("run-b", ttl=60)
+    lease.release("run-b", acted=["densenet161:scale_out"])
+    state = sp.read_lease(str(path), time.time())
+    assert state.quiet == {}
+    assert sp.noop_reason("resnet18", "scale_in", figures, time.time(), state.settings["resnet18"], state.last_actions, state.quiet, bounds) is None
+
+
+def test_an_idle_service_at_its_minimum_runs_one_playbook_per_recheck_after_not_per_in_repeat_after():
+    tracker = sp.PressureTracker(in_for=10, in_repeat_after=30, recheck_after=300)
+    settings = {"resnet18": RECORDED | {"cooldown": {"scale_out": 0, "scale_in": 0, "scale_in_after_scale_out": 0}}}
+    events, suppressed = [], []
+    quiet = {}
+    for second in range(0, 400, 2):
+        out = tracker.observe(poll_rows(per_server=0.0, up=1), T0 + second, settings=settings, min_replicas={"resnet18": 1}, quiet=quiet)
+        events += [(second, e) for e in out]
+        # Each event's run decides not to act and records it, as scale.yml does when it gives the lease back.
+        if out:
+            quiet = {"resnet18:scale_in": {"direction": "scale_in", "replicas": 1, "desired": 1, "until": None, "at": T0 + second + 10}}
+        suppressed += [key for _service, _action, key, _reason, _values in tracker.suppressed]
+    # Without the record: one run per in_repeat_after (30 s), 13 in 400 s. With it: the run of the event at 12 records
+    # its decision at 22, which holds the event back until 22 + recheck_after.
+    assert seconds(events) == [12, 322], events
+    assert set(suppressed) == {"unchanged"}
+
+
 def test_suppressed_decisions_are_summarised_once_a_minute_per_service_action_and_reason(tmp_path):
     log = tmp_path / "audit" / "audit.jsonl"
     summary = sp.SuppressedDecisions(str(log), "lab")

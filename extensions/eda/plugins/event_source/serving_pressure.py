@@ -69,6 +69,12 @@ description:
     a C(scale_out) whose backlog the servers up already meet (C(ceil(backlog / target_per_replica)) replicas or fewer).
     It stays due and goes out at the first poll at which its run could act. A service without recorded settings is never
     held back this way."
+  - "With O(lease_file), a run that decided not to act records what it decided on (the file's C(quiet): the replicas, the
+    count it desired within the bounds, and when time alone could change the decision, such as the end of a
+    stabilization window). The same event is not emitted while no run acted since, the service has as many servers up,
+    its demand asks for no more replicas (C(scale_out)) or no fewer (C(scale_in)), that time has not come, and the
+    record is younger than O(recheck_after): a service at its minimum, or one whose workers are all needed, runs no
+    playbook every O(in_repeat_after)."
   - "With O(audit_log), those events are summarised in the playbooks' JSON-lines audit trail: one record per service,
     action and reason per minute, with C(decision) V(not_acted), C(values.suppressed) V(true) and the count in
     C(fields.suppressed)."
@@ -175,6 +181,13 @@ options:
         that is idle at its minimum stays idle, and every C(scale_in) event runs a playbook that can only decide not to act.
     type: float
     default: 300
+  recheck_after:
+    description:
+      - With O(lease_file), how long a decision not to act that a scale run recorded (the file's C(quiet)) holds back the
+        events that could only meet it again, while nothing it was made on changes. After this many seconds one run
+        decides again (a raised maximum, a worker added by hand). V(0) holds nothing back this way.
+    type: float
+    default: 300
   services:
     description:
       - Watch only these backends (Swarm services). By default every backend with servers is watched, except
@@ -268,6 +281,10 @@ class LeaseState:
     max_replicas: dict[str, int] = field(default_factory=dict)
     # Per service, the effective settings its last scale run decided with (cooldown, target_per_replica, ...).
     settings: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # Per service, the fewest replicas its last scale run kept it to (scheduled floors included).
+    min_replicas: dict[str, int] = field(default_factory=dict)
+    # Per "<service>:<direction>", the decision not to act its last run recorded: at, replicas, desired, until.
+    quiet: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 def run_ended(run: Any) -> bool:
@@ -284,6 +301,20 @@ def run_ended(run: Any) -> bool:
     except (OSError, ValueError, IndexError):
         started = None
     return started != run.get("started")
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def quiet_entry_ok(entry: Any) -> bool:
+    """Whether one recorded decision not to act has the fields this source reads (the lease module checks the rest)."""
+    return (
+        isinstance(entry, dict)
+        and _number(entry.get("at"))
+        and all(isinstance(entry.get(key), int) and not isinstance(entry.get(key), bool) for key in ("replicas", "desired"))
+        and (entry.get("until") is None or _number(entry.get("until")))
+    )
 
 
 def read_lease(path: str, now: float) -> LeaseState:
@@ -308,10 +339,20 @@ def read_lease(path: str, now: float) -> LeaseState:
     if not isinstance(bounds, dict) or not all(isinstance(entry, dict) and isinstance(entry.get("max"), int) for entry in bounds.values()):
         raise LeaseReadError(f"the lease file {path} is not the scale playbooks' lease (bounds is not a map of replica bounds)")
     maxima = {str(service): entry["max"] for service, entry in bounds.items()}
+    minima = {str(service): entry["min"] for service, entry in bounds.items() if isinstance(entry.get("min"), int)}
+    quiet = data.get("quiet", {})
+    if not isinstance(quiet, dict) or not all(quiet_entry_ok(entry) for entry in quiet.values()):
+        raise LeaseReadError(f"the lease file {path} is not the scale playbooks' lease (quiet is not a map of decisions not to act)")
     recorded = data.get("settings", {})
     if not isinstance(recorded, dict) or not all(isinstance(entry, dict) for entry in recorded.values()):
         raise LeaseReadError(f"the lease file {path} is not the scale playbooks' lease (settings is not a map of settings)")
-    known = {"last_actions": acted, "max_replicas": maxima, "settings": {str(service): dict(entry) for service, entry in recorded.items()}}
+    known = {
+        "last_actions": acted,
+        "max_replicas": maxima,
+        "min_replicas": minima,
+        "settings": {str(service): dict(entry) for service, entry in recorded.items()},
+        "quiet": {str(key): dict(entry) for key, entry in quiet.items()},
+    }
     lease = data["lease"]
     if lease is None:
         return LeaseState(**known)
@@ -506,13 +547,29 @@ def _seconds(value: Any) -> float | None:
     return float(value)
 
 
-def noop_reason(service: str, action: str, figures: BackendFigures, now: float, recorded: dict[str, Any], acted: dict[str, float]) -> tuple[str, str] | None:
+def noop_reason(
+    service: str,
+    action: str,
+    figures: BackendFigures,
+    now: float,
+    recorded: dict[str, Any],
+    acted: dict[str, float],
+    quiet: dict[str, dict[str, Any]] | None = None,
+    bounds: tuple[int | None, int | None] = (None, None),
+    recheck_after: float = 300.0,
+) -> tuple[str, str] | None:
     """``(key, reason)`` when a scale run for this event could only decide not to act, else None.
 
     The playbooks' own rules (``cooldown_left`` and ``desired_replicas`` in plugins/module_utils/_scale_decision.py,
     which ansible-rulebook cannot import here; a test keeps the two equal), applied to ``recorded``, the settings the
     service's last scale run decided with, and ``acted``, the lease file's last_actions. Only what is certain from here:
     the servers up are at most the service's replicas, so a backlog they meet is one the run finds met.
+
+    ``quiet``: the decisions not to act the last runs recorded (the lease file's ``quiet``). Such a decision holds for
+    this event while nothing it was made on changed: no run acted since, the service has as many servers up as it had
+    replicas, its demand (within ``bounds``, the min and max replicas its last run kept) asks for no more (scale_out)
+    or no fewer (scale_in) replicas, its ``until`` has not come, and it is younger than ``recheck_after`` seconds (0:
+    never held), after which one run decides again.
     """
     cooldown = recorded.get("cooldown") if isinstance(recorded.get("cooldown"), dict) else {}
 
@@ -530,7 +587,32 @@ def noop_reason(service: str, action: str, figures: BackendFigures, now: float, 
             return "demand_met", (
                 f"{service}: {figures.backlog} requests in flight and queued need {desired} replicas at {target:g} each; {figures.servers_up} serve"
             )
+    entry = (quiet or {}).get(f"{service}:{action}")
+    if entry is None or not target or recheck_after <= 0:
+        return None
+    at, until = float(entry["at"]), entry.get("until")
+    unchanged = (
+        at <= now < at + recheck_after
+        and (until is None or now < until)
+        and not any(when > at for when in acted.values())
+        and figures.servers_up == entry["replicas"]
+    )
+    if not unchanged:
+        return None
+    lowest = bounds[0] if bounds[0] is not None else _whole(recorded.get("min"), 0)
+    highest = bounds[1] if bounds[1] is not None else _whole(recorded.get("max"), 10**9)
+    desired = min(max(math.ceil(figures.backlog / target - 1e-9), lowest), highest)
+    if (action == SCALE_OUT and desired <= entry["desired"]) or (action == SCALE_IN and desired >= entry["desired"]):
+        decided = time.strftime("%H:%M:%S", time.gmtime(at))
+        return "unchanged", (
+            f"{service}: nothing changed since its run at {decided} UTC decided not to {action.replace('_', ' ')} "
+            f"({entry['replicas']} replicas, {entry['desired']} desired, now {desired}); asked again at most every {recheck_after:g} s"
+        )
     return None
+
+
+def _whole(value: Any, default: int) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) else default
 
 
 @dataclass
@@ -544,6 +626,7 @@ class PressureTracker:
     in_for: float = 60.0
     repeat_after: float = 30.0
     in_repeat_after: float = 300.0
+    recheck_after: float = 300.0
     trend_for: float = 30.0
     services: list[str] | None = None
     ignore_backends: list[str] = field(default_factory=lambda: ["stats"])
@@ -560,6 +643,10 @@ class PressureTracker:
     _max_replicas: dict[str, int] = field(default_factory=dict, init=False, repr=False)
     # Per service, the settings its last scale run decided with (the lease file's settings), as last given.
     _settings: dict[str, dict[str, Any]] = field(default_factory=dict, init=False, repr=False)
+    # Per service, the fewest replicas its last scale run kept it to (the lease file's bounds), as last given.
+    _min_replicas: dict[str, int] = field(default_factory=dict, init=False, repr=False)
+    # The decisions not to act the last runs recorded (the lease file's quiet), as last given.
+    _quiet: dict[str, dict[str, Any]] = field(default_factory=dict, init=False, repr=False)
     # The events the last observe() did not emit because their run could only decide not to act:
     # (service, action, reason key, reason, values).
     suppressed: list[tuple[str, str, str, str, dict[str, Any]]] = field(default_factory=list, init=False, repr=False)
@@ -587,6 +674,8 @@ class PressureTracker:
         acted: dict[str, float] | None = None,
         max_replicas: dict[str, int] | None = None,
         settings: dict[str, dict[str, Any]] | None = None,
+        min_replicas: dict[str, int] | None = None,
+        quiet: dict[str, dict[str, Any]] | None = None,
     ) -> list[dict[str, Any]]:
         """Take one poll's rows, seen at ``now`` (epoch seconds); return the events it causes.
 
@@ -595,7 +684,8 @@ class PressureTracker:
         repeat wait as an event would. ``max_replicas``: per service, the most replicas its last scale run kept it to; a
         service with as many servers up asks for scale_out only every in_repeat_after seconds. ``settings``: per service,
         the settings its last scale run decided with; an event whose run could only decide not to act (``noop_reason``)
-        is not emitted and stays due (see suppressed).
+        is not emitted and stays due (see suppressed). ``min_replicas``: per service, the fewest replicas its last scale
+        run kept it to; ``quiet``: the decisions not to act the last runs recorded (see noop_reason).
         """
         self.held_back = []
         self.suppressed = []
@@ -603,6 +693,8 @@ class PressureTracker:
         self._acted = acted or {}
         self._max_replicas = max_replicas or {}
         self._settings = settings or {}
+        self._min_replicas = min_replicas or {}
+        self._quiet = quiet or {}
         current = backend_figures(rows)
         self._report_missing(current)
         events = []
@@ -621,7 +713,10 @@ class PressureTracker:
             at_maximum = name in self._max_replicas and figures.servers_up >= self._max_replicas[name]
             for action, holds, window_s in ((SCALE_OUT, overloaded, self.out_for), (SCALE_IN, idle, self.in_for)):
                 slow = action == SCALE_IN or at_maximum
-                noop = noop_reason(name, action, figures, now, self._settings[name], self._acted) if holds and name in self._settings else None
+                noop = None
+                if holds and name in self._settings:
+                    bounds = (self._min_replicas.get(name), self._max_replicas.get(name))
+                    noop = noop_reason(name, action, figures, now, self._settings[name], self._acted, self._quiet, bounds, self.recheck_after)
                 began = self._step(name, action, holds, window_s, now, hold, slow, noop is not None)
                 values = _values(figures, errors, history.trend(), self.out_threshold) | {"window_s": window_s}
                 if began is not None:
@@ -736,6 +831,7 @@ ARGUMENTS: dict[str, tuple[str, Any]] = {
     "in_for": ("number", 60.0),
     "repeat_after": ("number", 30.0),
     "in_repeat_after": ("number", 300.0),
+    "recheck_after": ("number", 300.0),
     "trend_for": ("number", 30.0),
     "services": ("list", None),
     "ignore_backends": ("list", ("stats",)),
@@ -841,7 +937,7 @@ def parse_args(args: dict[str, Any]) -> Settings:
     for name in ("timeout", "interval", "trend_for"):
         if values[name] <= 0:
             raise _arg_error(name, f"must be > 0 seconds, got {values[name]:g}")
-    for name in ("out_for", "in_for", "repeat_after", "in_repeat_after", "in_threshold", "out_queue"):
+    for name in ("out_for", "in_for", "repeat_after", "in_repeat_after", "recheck_after", "in_threshold", "out_queue"):
         if values[name] < 0:
             raise _arg_error(name, f"must be >= 0, got {values[name]:g}")
     if values["out_threshold"] <= values["in_threshold"]:
@@ -880,6 +976,7 @@ def parse_args(args: dict[str, Any]) -> Settings:
         in_for=values["in_for"],
         repeat_after=values["repeat_after"],
         in_repeat_after=values["in_repeat_after"],
+        recheck_after=values["recheck_after"],
         trend_for=values["trend_for"],
         services=values["services"],
         ignore_backends=list(values["ignore_backends"]),
@@ -1073,7 +1170,14 @@ async def main(queue: asyncio.Queue[Any], args: dict[str, Any]) -> None:
                         consecutive_failures, last_warning = 0, None
                     lease = lease_watch.read(started)
                     events = tracker.observe(
-                        rows, started, hold=lease.holder is not None, acted=lease.last_actions, max_replicas=lease.max_replicas, settings=lease.settings
+                        rows,
+                        started,
+                        hold=lease.holder is not None,
+                        acted=lease.last_actions,
+                        max_replicas=lease.max_replicas,
+                        settings=lease.settings,
+                        min_replicas=lease.min_replicas,
+                        quiet=lease.quiet,
                     )
                     lease_watch.report(tracker.held_back, started)
                     suppressed.add(tracker.suppressed, started)

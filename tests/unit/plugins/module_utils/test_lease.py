@@ -93,6 +93,7 @@ def test_a_free_lease_is_taken(lease, path):
         "floors": {},
         "bounds": {},
         "settings": {},
+        "quiet": {},
         "history": {},
         "now": T0,
     }
@@ -103,6 +104,7 @@ def test_a_free_lease_is_taken(lease, path):
         "floors": {},
         "bounds": {},
         "settings": {},
+        "quiet": {},
         "history": {},
     }
 
@@ -246,6 +248,7 @@ def test_release_gives_the_lease_back_and_records_acted(lease, path):
         "floors": {},
         "bounds": {},
         "settings": {},
+        "quiet": {},
         "history": {},
         "now": T0 + 20,
     }
@@ -256,6 +259,7 @@ def test_release_gives_the_lease_back_and_records_acted(lease, path):
         "floors": {},
         "bounds": {},
         "settings": {},
+        "quiet": {},
         "history": {},
     }
 
@@ -960,3 +964,54 @@ def test_a_renewal_extends_only_the_holders_own_lease_and_never_takes_a_free_one
     lease.try_acquire("run-b", 30, now=T0 + 27)
     assert not lease.renew("run-a", 30, now=T0 + 28)
     assert lease.read()["lease"]["holder"] == "run-b"
+
+
+# Decisions not to act
+
+
+def quiet(service="resnet18", direction="scale_in", replicas=2, desired=2, until=None):
+    return {"service": service, "direction": direction, "replicas": replicas, "desired": desired, "until": until}
+
+
+def test_a_decision_not_to_act_is_recorded_with_its_time_until_an_action_drops_every_one(lease, path):
+    lease.try_acquire("run-a", 60, now=T0)
+    result = lease.release("run-a", now=T0 + 5, quiet=[quiet()])
+    assert result["quiet"] == {"resnet18:scale_in": {"direction": "scale_in", "replicas": 2, "desired": 2, "until": None, "at": T0 + 5}}
+    lease.try_acquire("run-b", 60, now=T0 + 10)
+    result = lease.release("run-b", now=T0 + 15, quiet=[quiet("densenet161", "scale_out", 1, 1, T0 + 100)])
+    assert sorted(result["quiet"]) == ["densenet161:scale_out", "resnet18:scale_in"], "another service's decision keeps the first"
+    assert _lease.LeaseFile(path).read()["quiet"]["densenet161:scale_out"]["until"] == T0 + 100
+    # An action of any service may change what both were decided on.
+    lease.try_acquire("run-c", 60, now=T0 + 20)
+    assert lease.release("run-c", ["resnet18:scale_out"], now=T0 + 25)["quiet"] == {}
+    assert stored(path)["quiet"] == {}
+
+
+def test_a_decision_not_to_act_older_than_an_hour_is_dropped_at_the_next_write(lease, path):
+    lease.try_acquire("run-a", 60, now=T0)
+    lease.release("run-a", now=T0 + 5, quiet=[quiet()])
+    lease.try_acquire("run-b", 60, now=T0 + 3700)
+    assert stored(path)["quiet"] == {}
+
+
+@pytest.mark.parametrize(
+    ("entry", "message"),
+    [
+        ({"direction": "scale_in", "replicas": 2, "desired": 2}, "quiet[0] must have a service"),
+        (quiet(direction="sideways"), "quiet[0] (resnet18): direction 'sideways' is not scale_out or scale_in"),
+        (quiet(replicas=-1), "quiet[0] (resnet18): replicas -1 is not a whole number of 0 or more"),
+        (quiet(desired=None), "desired None is not a whole number"),
+        (quiet(until="soon"), "until 'soon' is neither a number nor null"),
+    ],
+)
+def test_a_bad_decision_not_to_act_is_refused_and_nothing_is_written(lease, path, entry, message):
+    lease.try_acquire("run-a", 60, now=T0)
+    before = content(path)
+    with pytest.raises(_lease.LeaseError, match=re.escape(message)):
+        lease.release("run-a", now=T0 + 5, quiet=[entry])
+    assert content(path) == before
+
+
+def test_a_quiet_record_of_the_wrong_shape_is_named():
+    assert "quiet['resnet18:scale_in']: at None is not a number" in _lease.data_problem({"lease": None, "quiet": {"resnet18:scale_in": quiet()}})
+    assert "'quiet' is not an object" in _lease.data_problem({"lease": None, "quiet": []})

@@ -523,3 +523,66 @@ def test_how_a_run_ended(decision, kwargs, expected):
 def test_a_run_that_never_sized_reports_minus_one_replicas_after():
     outcome = run_outcome({"decision": None}, "failed", "", {})
     assert (outcome["decision"], outcome["fields"]) == ("failed", {"replicas_after": -1, "workers_after": 0})
+
+
+# Decisions not to act, recorded for the event sources.
+
+QUIET_CASES = [
+    # (id, direction, replicas, event, state, config, options, expected quiet: None for no record, else (replicas, desired, until))
+    ("scale-in-at-the-minimum", "scale_in", 2, pressure(0), {}, {"min": 2}, {}, (2, 2, None)),
+    ("scale-out-at-the-maximum", "scale_out", 4, pressure(40), {}, {"max": 4}, {}, (4, 4, None)),
+    # The demand is met: the same demand (or less) on the same replicas meets the same decision.
+    ("scale-out-demand-met", "scale_out", 3, pressure(12), {}, {"max": 8}, {}, (3, 3, None)),
+    # Stabilization: time alone lowers the target when the first count above the demand's leaves the window.
+    (
+        "scale-in-held-by-the-window",
+        "scale_in",
+        4,
+        pressure(4),
+        {"history": {"resnet18": [[NOW - 250, 4], [NOW - 100, 4], [NOW - 50, 1]]}},
+        {"min": 1, "stabilization": {"scale_in": 300}},
+        {},
+        (4, 1, NOW + 50),
+    ),
+    # A scheduled floor holds the replicas until it ends.
+    (
+        "scale-in-held-by-a-floor",
+        "scale_in",
+        3,
+        pressure(0),
+        {"floors": {"resnet18": {"replicas": 3, "until": NOW + 600, "reason": "schedule peak"}}},
+        {"min": 1},
+        {},
+        (3, 3, NOW + 600),
+    ),
+    # No record: a run that acts, one stopped by a cooldown (the sources check cooldowns themselves) or a stale event,
+    # and VMs held back on a falling backlog, whose trend changes by itself.
+    ("acts", "scale_out", 2, pressure(12), {}, {"max": 8}, {}, None),
+    ("cooling-down", "scale_in", 4, pressure(0), {"last_actions": {"resnet18:scale_in": NOW - 10}}, {"cooldown": {"scale_in": 60}}, {}, None),
+    ("stale", "scale_in", 2, {"received_at": NOW - 90, "values": {"backlog": 0}}, {}, {"min": 2}, {}, None),
+    (
+        "vms-held-on-a-falling-backlog",
+        "scale_out",
+        4,
+        pressure(30, backlog_trend=-2.0, drain_s=15.0),
+        {},
+        {"max": 8, "workers": {"time_to_serve": 180}},
+        {},
+        None,
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("direction", "replicas", "event", "state", "config", "options", "expected"),
+    [case[1:] for case in QUIET_CASES],
+    ids=[case[0] for case in QUIET_CASES],
+)
+def test_a_decision_not_to_act_records_what_it_was_made_on(direction, replicas, event, state, config, options, expected):
+    plan = run(direction, replicas, event=event, state=state, config=settings(**config), **options)
+    records = state_records(plan)["quiet"]
+    if expected is None:
+        assert records == [], plan["reason"]
+        return
+    assert plan["decision"] == "none", plan["reason"]
+    assert records == [{"service": "resnet18", "direction": direction, "replicas": expected[0], "desired": expected[1], "until": expected[2]}]

@@ -140,6 +140,15 @@ def test_release_records_the_bounds_the_run_kept(lease, path):
     assert stored(path)["bounds"] == released["bounds"]
 
 
+def test_release_records_a_decision_not_to_act_without_an_until(lease, path):
+    taken = lease(reason="scale_in of densenet161 from serving_pressure")
+    entry = {"service": "densenet161", "direction": "scale_in", "replicas": 1, "desired": 1}
+    released = lease(state="released", holder=taken["holder"], quiet=[entry])
+    assert released["rc"] == 0 and released["released"]
+    assert released["quiet"] == {"densenet161:scale_in": {"direction": "scale_in", "replicas": 1, "desired": 1, "until": None, "at": released["now"]}}
+    assert stored(path)["quiet"] == released["quiet"]
+
+
 def test_release_by_another_holder_frees_nothing(lease, path):
     taken = lease(reason="scale_in of densenet161")
     result = lease(state="released", holder="someone-else", acted=["densenet161:scale_in"])
@@ -218,6 +227,11 @@ def test_a_corrupt_file_fails_and_is_kept(lease, path):
         ({"state": "released", "holder": "run-a", "floors": [{"service": "resnet18", "until": 1.0}]}, "missing required arguments: replicas"),
         ({"bounds": [{"service": "resnet18", "min": 2, "max": 6}]}, "bounds is recorded when the lease is given back"),
         ({"state": "released", "holder": "run-a", "bounds": [{"service": "resnet18", "min": 2}]}, "missing required arguments: max"),
+        ({"quiet": [{"service": "resnet18", "direction": "scale_in", "replicas": 2, "desired": 2}]}, "quiet is recorded when the lease is given back"),
+        (
+            {"state": "released", "holder": "run-a", "quiet": [{"service": "resnet18", "direction": "up", "replicas": 2, "desired": 2}]},
+            "value of direction must be one of: scale_out, scale_in, got: up",
+        ),
         ({"ttl": 0}, "ttl must be a positive number of seconds, got 0"),
         ({"wait_timeout": -1}, "wait_timeout must be 0 or a positive number of seconds, got -1"),
         ({"poll_interval": 0}, "poll_interval must be at least 0.01 seconds"),
