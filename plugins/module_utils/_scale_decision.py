@@ -33,7 +33,9 @@ DIRECTIONS = ("scale_out", "scale_in")
 DEFAULTS = {
     # Per service: min/max replicas, the step of an event without demand, the in-flight and queued requests one replica
     # is sized for, and the most replicas one decision adds; services.<name> overrides any of them for one service.
-    "replicas": {"min": 1, "max": 8, "step": 1, "target_per_replica": 4.0, "max_scale_up": 4},
+    # target_per_replica: a ResNet-18 replica at 0.25 CPU (one TorchServe worker) answers the most per second with 2 in
+    # flight; more only wait in its queue (bench/REPORT.md, "One replica's target").
+    "replicas": {"min": 1, "max": 8, "step": 1, "target_per_replica": 2.0, "max_scale_up": 4},
     "services": {},
     # The worker VM pool: grown by at most step VMs at once. time_to_serve: seconds from the clone until a new VM's
     # replicas serve; a demand-driven scale-out whose backlog is falling and gone within it clones no VMs (0: always).

@@ -34,7 +34,7 @@ def decide(capsys, lab, **args):
 
 def test_a_burst_grows_the_pool_for_the_replicas_its_demand_asks_for(lab, capsys):
     event = {"source": "serving_pressure", "service": "resnet18", "received_at": time.time(), "values": {"backlog": 20, "inflight": 12, "queued": 8}}
-    result = decide(capsys, lab, event=event, autoscale=QUICK | {"workers": {"step": 2}})
+    result = decide(capsys, lab, event=event, autoscale=QUICK | {"workers": {"step": 2}, "replicas": {"target_per_replica": 4}})
     assert result["rc"] == 0, result.get("msg")
     assert not result["changed"]
     # 20 in flight and queued at 4 per replica: 5; each worker holds 1 (2 CPUs less telegraf's 0.5), so 2 more VMs.
