@@ -278,7 +278,6 @@ def main():
                 # The VM path: keep the load until a task on a new worker VM answers.
                 new_workers = wait("a new worker VM in the swarm", lambda: {n["hostname"] for n in swarm_nodes(timeline.manager)
                                    if n["role"] == "worker" and n["vmid"] not in workers_before and n["status"] == "ready"}, 900)  # fmt: skip
-                known_now = {a.task for a in burst.answers if a.task}
                 vm_first = wait("a 2xx from a task on the new VM", lambda: first_new_answer(burst, known, t0, new_workers), 900)
                 t1_vm = vm_first.started + vm_first.seconds
                 marks["t1 new VM"] = t1_vm
