@@ -165,23 +165,15 @@ def data_problem(data):
             problem = floor_problem(entry)
             if problem:
                 return f"floors[{service!r}]: {problem}"
-    bounds = data.get("bounds", {})
-    if not isinstance(bounds, dict):
-        return "'bounds' is not an object"
-    for service, entry in bounds.items():
-        problem = bounds_problem(entry) or (None if is_time(entry.get("at")) else f"at {entry.get('at')!r} is not a number")
-        if problem:
-            return f"bounds[{service!r}]: {problem}"
+    problem = stamped_map_problem(data, "bounds", bounds_problem)
+    if problem:
+        return problem
     settings = data.get("settings", {})
     if not isinstance(settings, dict) or not all(isinstance(entry, dict) for entry in settings.values()):
         return "'settings' is not an object of objects"
-    quiet = data.get("quiet", {})
-    if not isinstance(quiet, dict):
-        return "'quiet' is not an object"
-    for key, entry in quiet.items():
-        problem = quiet_problem(entry) or (None if is_time(entry.get("at")) else f"at {entry.get('at')!r} is not a number")
-        if problem:
-            return f"quiet[{key!r}]: {problem}"
+    problem = stamped_map_problem(data, "quiet", quiet_problem)
+    if problem:
+        return problem
     history = data.get("history", {})
     if not isinstance(history, dict):
         return "'history' is not an object"
@@ -189,6 +181,18 @@ def data_problem(data):
         problem = history_problem(entries)
         if problem:
             return f"history[{service!r}]: {problem}"
+    return None
+
+
+def stamped_map_problem(data, name, problem_of):
+    """What is wrong with ``data[name]``, a map of entries each recorded with its time ``at``, or None."""
+    entries = data.get(name, {})
+    if not isinstance(entries, dict):
+        return f"'{name}' is not an object"
+    for key, entry in entries.items():
+        problem = problem_of(entry) or (None if is_time(entry.get("at")) else f"at {entry.get('at')!r} is not a number")
+        if problem:
+            return f"{name}[{key!r}]: {problem}"
     return None
 
 
