@@ -44,7 +44,7 @@ LOGGER = "mlfleet.serving.serving_pressure"
 STATS_TOKEN = "stats-token-4f1c9e2a7d"
 EVENT_KEYS = {"action", "status", "service", "cluster", "alertname", "labels", "values", "fingerprint", "startsAt", "source", "received_at"}
 VALUE_KEYS = {
-    *("servers_up", "inflight", "queued", "per_server", "rtime_ms", "qtime_ms", "rate", "errors_5xx", "window_s", "held_s"),
+    *("servers_up", "standby_up", "inflight", "queued", "per_server", "rtime_ms", "qtime_ms", "rate", "errors_5xx", "window_s", "held_s"),
     *("backlog", "backlog_trend", "trend_s", "drain_s"),
 }
 T0 = 1_800_000_000.0
@@ -98,13 +98,36 @@ def test_figures_from_real_captures():
     assert busy["no_such_model"].servers == 0
 
 
+def test_a_server_at_weight_0_is_standby_neither_serving_nor_load():
+    """A standby replica sits in the backend at weight 0 (the edge proxy's standby server-template): the capture with
+    task2's weight set to 0, as `set weight resnet18/task2 0` leaves it."""
+    lines = CAPTURED_BUSY.splitlines(keepends=True)
+    at = next(i for i, line in enumerate(lines) if line.startswith("resnet18,task2,"))
+    assert ",UP,1,1," in lines[at]
+    lines[at] = lines[at].replace(",UP,1,1,", ",UP,0,1,", 1)
+    rows = sp.parse_stats_csv("".join(lines))
+    assert {(row.name, row.weight) for row in rows if row.proxy == "resnet18" and row.kind == "server"} == {("task1", 1), ("task2", 0)}
+    assert [row.weight for row in rows if row.kind == "frontend"] == [1, 1], "a frontend's empty weight reads as 1"
+    figures = sp.backend_figures(rows)["resnet18"]
+    # task1 serves 2 in flight, 8 are queued; task2's sessions (draining after a demotion) are not load.
+    assert (figures.servers, figures.servers_up, figures.standby_up, figures.inflight, figures.queued) == (2, 1, 1, 2, 8)
+    assert figures.per_server == 10.0
+    idle = [line.replace(",UP,1,1,", ",UP,0,1,", 1) if line.startswith("resnet18,task") else line for line in CAPTURED_IDLE.splitlines(keepends=True)]
+    standby_only = sp.backend_figures(sp.parse_stats_csv("".join(idle)))["resnet18"]
+    assert (standby_only.servers_up, standby_only.standby_up) == (0, 2)
+    # Standby alone, nothing waiting: not idle (nothing serves that a scale-in could remove).
+    tracker = sp.PressureTracker(in_for=0, in_repeat_after=0)
+    rows = sp.parse_stats_csv("".join(idle))
+    assert tracker.observe(rows, T0) == [] and tracker.observe(rows, T0 + 2) == []
+
+
 @pytest.mark.parametrize(
     ("text", "message"),
     [
         ("", "no '# pxname,svname,...' header"),
         ("<html><body>Statistics Report</body></html>", "is stats_path the CSV URI"),
         ('{"error": "unauthorized"}', "not HAProxy CSV statistics"),
-        ("# pxname,svname,status,scur\nfoo,BACKEND,UP,1\n", "no column type, qcur, rate, hrsp_5xx, qtime, rtime"),
+        ("# pxname,svname,status,scur\nfoo,BACKEND,UP,1\n", "no column type, weight, qcur, rate, hrsp_5xx, qtime, rtime"),
         (CAPTURED_BUSY[: CAPTURED_BUSY.index("resnet18,BACKEND") + 40], "fields, the header"),
         (CAPTURED_IDLE.replace("resnet18,task1,0,0,0,", "resnet18,task1,0,0,x,", 1), "column scur is 'x', not an integer"),
     ],
@@ -180,6 +203,7 @@ def test_scale_out_after_out_for_with_the_normalised_shape():
     assert set(event["values"]) == VALUE_KEYS
     assert event["values"] == {
         "servers_up": 2,
+        "standby_up": 0,
         "inflight": 10,
         "queued": 0,
         "per_server": 5.0,

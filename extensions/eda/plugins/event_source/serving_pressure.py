@@ -35,8 +35,10 @@ description:
   - Polls the HAProxy edge proxy's CSV statistics (C(GET /stats;csv) on its C(stats) frontend) every O(interval) seconds
     and puts a C(scale_out) event on the queue when a service stays overloaded for O(out_for) seconds, and a C(scale_in)
     event when it stays idle for O(in_for) seconds. Between the thresholds nothing happens.
-  - "Per backend (one per Swarm service) and poll it computes: C(servers_up) (servers whose status is UP, or C(no check)),
-    C(inflight) (sessions on those servers), C(queued) (the backend's queue), C(per_server) = (inflight + queued) /
+  - "Per backend (one per Swarm service) and poll it computes: C(servers_up) (servers whose status is UP, or C(no check),
+    and whose weight is above 0), C(standby_up) (servers UP at weight 0: standby replicas, which take no request and count
+    neither as serving nor in the load, so an idle standby never asks for a scale-in),
+    C(inflight) (sessions on the serving servers), C(queued) (the backend's queue), C(per_server) = (inflight + queued) /
     max(servers_up, 1), C(rtime_ms) and C(qtime_ms) (average response and queue time of the last 1024 requests),
     C(rate) (sessions per second) and C(errors_5xx) (5xx answers since the previous poll)."
   - "The backlog's trend: C(backlog) = inflight + queued; C(backlog_trend) (requests per second, negative while it falls),
@@ -248,7 +250,7 @@ SCALE_IN = "scale_in"
 ALERTNAMES = {SCALE_OUT: "ServingPressureHigh", SCALE_IN: "ServingPressureLow"}
 # Server statuses that take traffic: UP, "UP 1/3" (failing checks, still in), and "no check" (a server without checks).
 SERVING_STATUSES = ("UP", "no check")
-CSV_COLUMNS = ("pxname", "svname", "type", "status", "qcur", "scur", "rate", "hrsp_5xx", "qtime", "rtime")
+CSV_COLUMNS = ("pxname", "svname", "type", "status", "weight", "qcur", "scur", "rate", "hrsp_5xx", "qtime", "rtime")
 ROW_TYPES = {0: "frontend", 1: "backend", 2: "server", 3: "listener"}
 MAX_STATS_BYTES = 16 * 1024 * 1024
 # ansible-rulebook adds its own arguments (eda_feedback_queue, ...): they are not the user's and are ignored.
@@ -379,6 +381,8 @@ class StatsRow:
     hrsp_5xx: int = 0
     qtime: int = 0
     rtime: int = 0
+    # A server's weight; 0 for a standby replica, which the proxy sends no request.
+    weight: int = 1
 
 
 def _int_field(fields: list[str], index: int, column: str, line: int) -> int:
@@ -426,6 +430,8 @@ def parse_stats_csv(text: str) -> list[StatsRow]:
                 kind=kind,
                 status=fields[at["status"]].strip(),
                 **{column: _int_field(fields, at[column], column, number) for column in ("qcur", "scur", "rate", "hrsp_5xx", "qtime", "rtime")},
+                # Frontends leave it empty; a server always has one.
+                weight=_int_field(fields, at["weight"], "weight", number) if fields[at["weight"]].strip() else 1,
             )
         )
     return rows
@@ -443,6 +449,8 @@ class BackendFigures:
     qtime_ms: int
     rate: int
     hrsp_5xx: int
+    # Standby replicas up: servers at weight 0, which take no request and count neither as serving nor in the load.
+    standby_up: int = 0
 
     @property
     def backlog(self) -> int:
@@ -464,10 +472,12 @@ def backend_figures(rows: list[StatsRow]) -> dict[str, BackendFigures]:
             backends[row.proxy] = row
     figures = {}
     for name, backend in backends.items():
-        serving = [row for row in servers.get(name, []) if row.status.startswith(SERVING_STATUSES)]
+        up = [row for row in servers.get(name, []) if row.status.startswith(SERVING_STATUSES)]
+        serving = [row for row in up if row.weight > 0]
         figures[name] = BackendFigures(
             servers=len(servers.get(name, [])),
             servers_up=len(serving),
+            standby_up=len(up) - len(serving),
             inflight=sum(row.scur for row in serving),
             queued=backend.qcur,
             rtime_ms=backend.rtime,
@@ -798,6 +808,7 @@ class PressureTracker:
 def _values(figures: BackendFigures, errors_5xx: int, trend: Trend | None, out_threshold: float) -> dict[str, int | float]:
     return {
         "servers_up": figures.servers_up,
+        "standby_up": figures.standby_up,
         "inflight": figures.inflight,
         "queued": figures.queued,
         "per_server": round(figures.per_server, 3),
