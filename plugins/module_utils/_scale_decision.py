@@ -35,7 +35,7 @@ DEFAULTS = {
     # is sized for, and the most replicas one decision adds; services.<name> overrides any of them for one service.
     # target_per_replica: a ResNet-18 replica at 0.25 CPU (one TorchServe worker) answers the most per second with 2 in
     # flight; more only wait in its queue (bench/REPORT.md, "One replica's target").
-    "replicas": {"min": 1, "max": 8, "step": 1, "target_per_replica": 2.0, "max_scale_up": 4, "warm_replicas": 0},
+    "replicas": {"min": 1, "max": 8, "step": 1, "target_per_replica": 2.0, "max_scale_up": 4},
     "services": {},
     # The worker VM pool: grown by at most step VMs at once. time_to_serve: seconds from the clone until a new VM's
     # replicas serve; a demand-driven scale-out whose backlog is falling and gone within it clones no VMs (0: always).
@@ -107,10 +107,6 @@ def effective_settings(autoscale, service, workers):
             f"{prefix}.target_per_replica", replicas["target_per_replica"], 0, above=True, fix="give the requests in flight and queued one replica is sized for"
         ),
         "max_scale_up": number(f"{prefix}.max_scale_up", replicas["max_scale_up"], 1, whole=True, fix="give the most replicas one demand-driven decision adds"),
-        # Standby replicas: started and warm, out of rotation until a scale-out promotes them (0: none).
-        "warm_replicas": number(
-            f"{prefix}.warm_replicas", replicas["warm_replicas"], 0, whole=True, fix="give the standby replicas the service keeps out of rotation, 0 for none"
-        ),
     }
     if settings["min"] > settings["max"]:
         raise ValueError(f"mlfleet_autoscale.{prefix}: min {settings['min']} is above max {settings['max']}; lower min or raise max")

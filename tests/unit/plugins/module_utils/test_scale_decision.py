@@ -587,21 +587,3 @@ def test_a_decision_not_to_act_records_what_it_was_made_on(direction, replicas, 
         return
     assert plan["decision"] == "none", plan["reason"]
     assert records == [{"service": "resnet18", "direction": direction, "replicas": expected[0], "desired": expected[1], "until": expected[2]}]
-
-
-@pytest.mark.parametrize(
-    ("autoscale", "expected"),
-    [
-        ({}, (0, 0)),
-        ({"replicas": {"warm_replicas": 1}, "services": {"resnet18": {"warm_replicas": 2}}}, (2, 1)),
-    ],
-)
-def test_standby_replicas_are_a_replica_setting_off_by_default(autoscale, expected):
-    resnet = effective_settings(autoscale, "resnet18", POOL)
-    densenet = effective_settings(autoscale, "densenet161", POOL)
-    assert (resnet["warm_replicas"], densenet["warm_replicas"]) == expected
-
-
-def test_a_bad_standby_count_is_named():
-    with pytest.raises(ValueError, match=re.escape("mlfleet_autoscale.services.resnet18.warm_replicas must be 0 or more, got -1; give the standby replicas")):
-        effective_settings({"services": {"resnet18": {"warm_replicas": -1}}}, "resnet18", POOL)
