@@ -27,9 +27,7 @@ DEPRECATION = (
 # Proxmox's tag format (pve-common's PVE::JSONSchema pve-tag), lower case as Proxmox stores it.
 TAG = re.compile(r"^[a-z0-9_][a-z0-9_\-+.]*$")
 NAME = re.compile(r"^[a-z][a-z0-9-]{0,30}$")
-FIELDS = ("name", "tag", "template", "count", "max_count", "cores", "memory", "cpulimit", "ip_range", "name_prefix", "warm_vms", "warm_form", "warm_tag")
-# How a warm VM waits: powered off; running but not in the swarm; or in the swarm, paused, holding the model files.
-WARM_FORMS = ("stopped", "running", "joined")
+FIELDS = ("name", "tag", "template", "count", "max_count", "cores", "memory", "cpulimit", "ip_range", "name_prefix")
 WHERE = "mlfleet_worker_pools"
 
 
@@ -94,18 +92,6 @@ def _pool(entry, index, template, cluster, legacy=False):
     pool["ip_range"] = ip_range
     suffix = LEGACY_POOL["name_prefix_suffix"] if legacy else name
     pool["name_prefix"] = str(entry.get("name_prefix") or (f"{cluster}-{suffix}" if cluster else suffix))
-    pool["warm_vms"] = _whole(where, "warm_vms", entry.get("warm_vms", 0), 0)
-    if pool["count"] + pool["warm_vms"] > pool["max_count"]:
-        raise ValueError(
-            f"{where}: count {pool['count']} and warm_vms {pool['warm_vms']} exceed max_count {pool['max_count']}; warm VMs are VMs "
-            "too and count toward max_count: raise max_count or lower warm_vms"
-        )
-    pool["warm_form"] = entry.get("warm_form", "joined")
-    if pool["warm_form"] not in WARM_FORMS:
-        raise ValueError(f"{where}.warm_form must be one of {', '.join(WARM_FORMS)}, got {pool['warm_form']!r}")
-    pool["warm_tag"] = entry.get("warm_tag", f"{tag}_warm")
-    if not isinstance(pool["warm_tag"], str) or not TAG.match(pool["warm_tag"]) or pool["warm_tag"] == tag:
-        raise ValueError(f"{where}.warm_tag must be a Proxmox tag other than the pool's tag {tag!r}, which marks its warm VMs; got {pool['warm_tag']!r}")
     return pool
 
 
@@ -127,12 +113,6 @@ def worker_pools(pools, workers=None, template=None, cluster=""):
                 if pool[key] in seen:
                     raise ValueError(f"{WHERE}: pools {seen[pool[key]]} and {pool['name']} share the {key} {pool[key]!r}; give each pool its own")
                 seen[pool[key]] = pool["name"]
-        tags = {pool["tag"]: pool["name"] for pool in checked}
-        for pool in checked:
-            if pool["warm_tag"] in tags:
-                raise ValueError(
-                    f"{WHERE}: the warm_tag of pool {pool['name']} is the tag of pool {tags[pool['warm_tag']]}; give its warm VMs a tag of their own"
-                )
         return checked, None
     if workers:
         pool = _pool(workers, 0, template, cluster, legacy=True)

@@ -32,9 +32,6 @@ def test_a_pool_is_completed_with_the_template_and_the_vm_names():
             "cpulimit": None,
             "ip_range": None,
             "name_prefix": "mlfleet-cpu",
-            "warm_vms": 0,
-            "warm_form": "joined",
-            "warm_tag": "swarm_worker_warm",
         },
         {
             "name": "gpu",
@@ -47,9 +44,6 @@ def test_a_pool_is_completed_with_the_template_and_the_vm_names():
             "cpulimit": None,
             "ip_range": None,
             "name_prefix": "mlfleet-gpu",
-            "warm_vms": 0,
-            "warm_form": "joined",
-            "warm_tag": "gpu_worker_warm",
         },
     ]
 
@@ -151,24 +145,3 @@ def test_members_are_the_workers_that_carry_the_pools_tag():
 def test_provision_keeps_the_size_the_autoscaler_chose_within_the_bounds(current, expected):
     pools = worker_pools([CPU], template=9000)[0]
     assert provision_count(pools[0], current) == expected
-
-
-@pytest.mark.parametrize(
-    ("extra", "message"),
-    [
-        ({"warm_vms": 3}, "mlfleet_worker_pools pool cpu: count 2 and warm_vms 3 exceed max_count 4; warm VMs are VMs too"),
-        ({"warm_vms": -1}, "mlfleet_worker_pools pool cpu.warm_vms must be a whole number of 0 or more, got -1"),
-        ({"warm_form": "hibernated"}, "warm_form must be one of stopped, running, joined, got 'hibernated'"),
-        ({"warm_tag": "swarm_worker"}, "warm_tag must be a Proxmox tag other than the pool's tag 'swarm_worker'"),
-        ({"warm_tag": "Warm Pool"}, "warm_tag must be a Proxmox tag"),
-        ({"warm_tag": "gpu_worker"}, "the warm_tag of pool cpu is the tag of pool gpu; give its warm VMs a tag of their own"),
-    ],
-)
-def test_warm_vm_settings_are_checked_and_named(extra, message):
-    with pytest.raises(ValueError, match=re.escape(message)):
-        worker_pools([CPU | extra, GPU], template="debian-golden", cluster="mlfleet")
-
-
-def test_warm_vms_within_max_count_are_kept_with_their_form_and_tag():
-    (pool, _gpu), _ = worker_pools([CPU | {"warm_vms": 2, "warm_form": "stopped", "warm_tag": "cpu_warm"}, GPU], template=9000)
-    assert (pool["warm_vms"], pool["warm_form"], pool["warm_tag"]) == (2, "stopped", "cpu_warm")

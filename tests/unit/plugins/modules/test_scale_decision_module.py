@@ -92,9 +92,6 @@ def test_the_plan_names_the_pool_a_scale_out_clones_with(lab, capsys):
         "cpulimit": None,
         "ip_range": None,
         "name_prefix": "mlfleet-cpu",
-        "warm_vms": 0,
-        "warm_form": "joined",
-        "warm_tag": "swarm_worker_warm",
         "vmids": [121, 122, 123],
     }
     assert result["grow_to"] == 4, result["reason"]
