@@ -513,11 +513,21 @@ def size_bytes(value, option):
     return int(float(match.group(1)) * SIZE_UNITS[match.group(2).lower()])
 
 
+SWARM_OBJECT_NAME_MAX = 64
+
+
 def object_name(service, target, suffix):
     """Name of a config or secret object: the service, the file and a suffix that changes with the content
     (objects are immutable, so new content is a new object)."""
     stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", target.strip("/"))[-40:]
-    return f"{service}_{stem}_{suffix}"
+    # Swarm takes names of at most 64 characters: a long service name leaves less of the file's path.
+    room = SWARM_OBJECT_NAME_MAX - len(service) - len(suffix) - 2
+    if room < 8:
+        raise SwarmError(
+            f"the service name {service!r} is too long to name its configs and secrets (Swarm allows {SWARM_OBJECT_NAME_MAX} characters "
+            f"for them): use a service name of at most {SWARM_OBJECT_NAME_MAX - len(suffix) - 10} characters"
+        )
+    return f"{service}_{stem[-room:]}_{suffix}"
 
 
 def secret_digest(content, salt=None):

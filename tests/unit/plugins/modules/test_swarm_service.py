@@ -439,3 +439,29 @@ def test_a_stop_signal_is_sent_and_kept(lab, swarm, service):
     assert not service(stop_signal="SIGUSR1")["changed"] and lab.writes == []
     changed = service(stop_signal="SIGTERM")
     assert changed["actions"] == ["updated service echo (TaskTemplate.ContainerSpec.StopSignal)"]
+
+
+@pytest.mark.parametrize(
+    ("service", "target", "expected"),
+    [
+        # Short enough: the service, the last 40 characters of the path and the suffix, as always.
+        ("resnet18", "/home/model-server/config.properties", "resnet18_home_model-server_config.properties_7fae5a198bae"),
+        # A standby service's name is longer: less of the path, within Swarm's 64 characters.
+        ("resnet18-standby", "/home/model-server/config.properties", "resnet18-standby_ome_model-server_config.properties_7fae5a198bae"),
+        ("densenet161-standby", "/home/model-server/config.properties", "densenet161-standby__model-server_config.properties_7fae5a198bae"),
+    ],
+)
+def test_config_and_secret_names_fit_swarms_limit(service, target, expected):
+    from ansible_collections.mlfleet.serving.plugins.modules.swarm_service import object_name
+
+    name = object_name(service, target, "7fae5a198bae")
+    assert name == expected and len(name) <= 64
+    assert re.fullmatch(r"[a-zA-Z0-9][a-zA-Z0-9_.-]{0,62}[a-zA-Z0-9]", name)
+
+
+def test_a_service_name_too_long_for_its_configs_is_named():
+    from ansible_collections.mlfleet.serving.plugins.module_utils._swarm import SwarmError
+    from ansible_collections.mlfleet.serving.plugins.modules.swarm_service import object_name
+
+    with pytest.raises(SwarmError, match="the service name 'a{50}' is too long to name its configs"):
+        object_name("a" * 50, "/etc/x.conf", "7fae5a198bae")
