@@ -52,6 +52,20 @@ options:
     description: The name of the backend's C(server-template) of standby servers; its servers are C(<prefix>1), C(<prefix>2), ...
     type: str
     default: standby
+  serving_before_return:
+    description:
+      - With O(state=standby), return the standby servers only once at least this many of the backend's own servers (not
+        the standby ones) are up and in rotation, waiting up to O(wait_timeout) seconds for them: the capacity the
+        promotion lent is handed back only when the service's own replicas hold it.
+      - When they are not up in time, the standby servers stay in rotation, RV(held) is true and nothing fails; the next
+        return tries again.
+      - V(0) returns them at once.
+    type: int
+    default: 0
+  wait_timeout:
+    description: Seconds to wait for O(serving_before_return) of the backend's own servers.
+    type: float
+    default: 120
   runtime_dir:
     description:
       - The node's directory the edge proxy mounts for its runtime state (the role's C(edge_proxy_runtime_dir)), which
@@ -69,10 +83,11 @@ EXAMPLES = r"""
   delegate_to: "{{ item }}"
   loop: "{{ groups['swarm_managers'] }}"
 
-- name: Return them to standby once the service's own replicas run
+- name: Return them to standby once 4 of the service's own replicas are up in the proxy
   mlfleet.serving.edge_proxy_standby:
     service: resnet18
     state: standby
+    serving_before_return: 4
   become: true
 """
 
@@ -88,6 +103,16 @@ serving:
   returned: success
   type: int
   sample: 1
+own_serving:
+  description: How many of the backend's own servers (not the standby ones) are up and in rotation.
+  returned: success
+  type: int
+  sample: 4
+held:
+  description: True when O(serving_before_return) of the backend's own servers were not up in time, so the standby servers stay in rotation.
+  returned: success
+  type: bool
+  sample: false
 state_file:
   description: The server-state file the weights were saved to; null when nothing changed.
   returned: success
@@ -97,6 +122,7 @@ state_file:
 
 import os
 import re
+import time
 
 from ansible.module_utils.basic import AnsibleModule
 
@@ -110,6 +136,8 @@ def main():
             state=dict(type="str", choices=["promoted", "standby"], default="promoted"),
             weight=dict(type="int", default=1),
             prefix=dict(type="str", default="standby"),
+            serving_before_return=dict(type="int", default=0),
+            wait_timeout=dict(type="float", default=120),
             runtime_dir=dict(type="path", default="/var/lib/mlfleet/edge-proxy"),
         ),
         supports_check_mode=True,
@@ -121,30 +149,55 @@ def main():
     runtime = RuntimeSocket(os.path.join(params["runtime_dir"], "admin.sock"))
     slot = re.compile(rf"^{re.escape(params['prefix'])}\d+$")
     try:
-        servers = [server for server in runtime.servers(params["service"]) if slot.match(server["name"])]
+        servers, own = split_servers(runtime.servers(params["service"]), slot)
         if not servers:
             module.fail_json(
                 msg=f"the edge proxy's backend {params['service']} has no standby servers ({params['prefix']}1, ...): give the service "
                 "warm_replicas and deploy it with playbooks/serve.yml, which adds them"
             )
-        changes = [server for server in servers if server["weight"] != target]
+        held = False
+        if params["state"] == "standby" and params["serving_before_return"] > 0 and not module.check_mode:
+            deadline = time.monotonic() + params["wait_timeout"]
+            while serving(own) < params["serving_before_return"] and time.monotonic() < deadline:
+                time.sleep(0.5)
+                servers, own = split_servers(runtime.servers(params["service"]), slot)
+            held = serving(own) < params["serving_before_return"]
+        changes = [] if held else [server for server in servers if server["weight"] != target]
+        state_file = None
         if changes and not module.check_mode:
             for server in changes:
                 runtime.set_weight(params["service"], server["name"], target)
             state_file = os.path.join(params["runtime_dir"], "server-state")
             runtime.save_state(state_file)
-        else:
-            state_file = None
     except RuntimeError as error:
         module.fail_json(msg=str(error))
-    result = [{"name": s["name"], "up": s["up"] and not s["maintenance"], "previous_weight": s["weight"], "weight": target} for s in servers]
+    after = {s["name"]: (s["weight"] if held else target) for s in servers}
+    result = [{"name": s["name"], "up": s["up"] and not s["maintenance"], "previous_weight": s["weight"], "weight": after[s["name"]]} for s in servers]
     module.exit_json(
         changed=bool(changes),
         servers=result,
         serving=sum(1 for server in result if server["up"] and server["weight"] > 0),
+        own_serving=serving(own),
+        held=held,
+        msg=(
+            f"{serving(own)} of the {params['serving_before_return']} own servers of {params['service']} the return waits for were "
+            f"up after {params['wait_timeout']:g} s: the standby servers stay in rotation"
+        )
+        if held
+        else "",
         state_file=state_file,
-        diff={"before": {s["name"]: s["weight"] for s in servers}, "after": {s["name"]: target for s in servers}},
+        diff={"before": {s["name"]: s["weight"] for s in servers}, "after": after},
     )
+
+
+def split_servers(servers, slot):
+    """The backend's standby servers (named by the template's prefix) and its own."""
+    return [s for s in servers if slot.match(s["name"])], [s for s in servers if not slot.match(s["name"])]
+
+
+def serving(servers):
+    """Servers up, not in maintenance, and at a weight above 0: those that take requests."""
+    return sum(1 for s in servers if s["up"] and not s["maintenance"] and s["weight"] > 0)
 
 
 if __name__ == "__main__":

@@ -125,6 +125,21 @@ def test_standby_servers_take_no_request_until_promoted_and_again_after_a_return
     assert proxy.answers(6) == {"main": 6}
 
 
+def test_a_return_waits_for_the_services_own_servers_and_holds_the_standby_when_they_are_too_few(capsys, proxy):
+    standby(capsys, proxy)
+    # One own server (task1) is up: a return that waits for two keeps the standby servers in rotation.
+    started = time.monotonic()
+    held = standby(capsys, proxy, state="standby", serving_before_return=2, wait_timeout=1.5)
+    assert held["rc"] == 0 and not held["changed"] and held["held"], held
+    assert time.monotonic() - started >= 1.5
+    assert held["own_serving"] == 1 and [s["weight"] for s in held["servers"]] == [1, 1]
+    assert "1 of the 2 own servers of resnet18" in held["msg"]
+    assert proxy.answers(6) == {"main": 2, "standby": 4}
+    returned = standby(capsys, proxy, state="standby", serving_before_return=1, wait_timeout=1.5)
+    assert returned["changed"] and not returned["held"] and [s["weight"] for s in returned["servers"]] == [0, 0]
+    assert proxy.answers(3) == {"main": 3}
+
+
 def test_the_weights_survive_a_restart_of_the_proxy(capsys, proxy):
     promoted = standby(capsys, proxy)
     assert promoted["state_file"] == str(proxy.runtime_dir / "server-state")
