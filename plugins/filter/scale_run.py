@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from ansible.errors import AnsibleFilterError
 
-from ansible_collections.mlfleet.serving.plugins.module_utils._scale_decision import run_outcome, vms_to_destroy
+from ansible_collections.mlfleet.serving.plugins.module_utils._scale_decision import run_outcome, standby_step, vms_to_destroy
 
 
 def _plan(plan, name):
@@ -37,6 +37,18 @@ def scale_outcome(plan, decision, reason, fields, failures=None, created=None, d
     )
 
 
+def scale_standby(serving, service, direction, stage, decision="", fields=None, replicas_after_join=None, desired=None):
+    """What the run does with the service's standby replicas at its start or finish."""
+    if fields is not None and not hasattr(fields, "get"):
+        raise AnsibleFilterError("scale_standby: fields must be the run's audit fields (a dict)")
+    try:
+        return standby_step(
+            serving, service, direction, stage, decision=decision, fields=fields, replicas_after_join=replicas_after_join, desired=list(desired or [])
+        )
+    except ValueError as error:
+        raise AnsibleFilterError(str(error)) from None
+
+
 class FilterModule:
     def filters(self):
-        return {"scale_vms_to_destroy": scale_vms_to_destroy, "scale_outcome": scale_outcome}
+        return {"scale_vms_to_destroy": scale_vms_to_destroy, "scale_outcome": scale_outcome, "scale_standby": scale_standby}

@@ -523,14 +523,8 @@ def run_outcome(plan, decision, reason, fields, failures=(), created=(), destroy
     the join, as the tasks registered them (skipped or absent: the run did not reach them).
     """
     destroyed = destroyed if destroyed and not destroyed.get("skipped") else None
-    replicas_after_join = replicas_after_join if replicas_after_join and not replicas_after_join.get("skipped") else None
     removed = list(destroyed.get("removed") or []) if destroyed else []
-    if replicas_after_join:
-        replicas_after = replicas_after_join["replicas"]
-        replicas_changed = replicas_after_join["replicas"] != replicas_after_join.get("previous_replicas")
-    else:
-        replicas_after = fields.get("replicas_after", fields.get("replicas_before", -1))
-        replicas_changed = False
+    replicas_after, replicas_changed = replicas_after_run(fields, replicas_after_join)
     if decision == "failed" or failures:
         outcome = "failed"
     elif decision == "acted" or removed or replicas_changed:
@@ -548,3 +542,57 @@ def run_outcome(plan, decision, reason, fields, failures=(), created=(), destroy
         "reason": "; ".join(part for part in reasons if part),
         "fields": dict(fields, replicas_after=int(replicas_after), workers_after=workers_after),
     }
+
+
+def replicas_after_run(fields, replicas_after_join=None):
+    """The service's replicas after the run, and whether the change after the join changed them: that change's result
+    when the run reached it (a registered result, skipped or absent when not), else the replicas the run noted."""
+    replicas_after_join = replicas_after_join if replicas_after_join and not replicas_after_join.get("skipped") else None
+    if replicas_after_join:
+        return int(replicas_after_join["replicas"]), replicas_after_join["replicas"] != replicas_after_join.get("previous_replicas")
+    return int(fields.get("replicas_after", fields.get("replicas_before", -1))), False
+
+
+def warm_replicas_of(serving, service):
+    """The standby replicas mlfleet_serving gives ``service`` (its ``warm_replicas``, 0 when it has none)."""
+    for entry in serving or []:
+        if isinstance(entry, dict) and entry.get("service") == service:
+            try:
+                warm = int(entry.get("warm_replicas") or 0)
+            except (TypeError, ValueError):
+                raise ValueError(f"mlfleet_serving: warm_replicas of {service} must be a whole number, got {entry.get('warm_replicas')!r}") from None
+            if warm < 0:
+                raise ValueError(f"mlfleet_serving: warm_replicas of {service} must be 0 or more, got {warm}")
+            return warm
+    return 0
+
+
+def standby_step(serving, service, direction, stage, decision="", fields=None, replicas_after_join=None, desired=None):
+    """What a scale run does with the standby replicas of ``service`` (mlfleet_serving's ``warm_replicas``).
+
+    ``stage`` ``start``, before the lease and the decision: a scale-out promotes them (they serve the moment the edge
+    proxy's weight is set, while the replica change that follows starts cold), a scale-in returns promoted ones to
+    standby before it removes any replica. ``finish``, still under the lease: a scale-out returns them once the
+    service's own replicas hold what the demand asks - the replicas after the run (``fields`` and ``replicas_after_join``
+    as for :func:`run_outcome`) at least the count the decision desired within the bounds (``desired``, the plan's
+    ``records.desired``) - and waits for those replicas to be up in the proxy first. While they fall short (no room,
+    a cooldown, a failed run) the standby replicas go on serving, capacity that runs anyway, until a later run returns
+    them. A decision that recorded no desired count returns them when it acted.
+
+    Returns ``{"state": "promoted" | "standby" | "", "serving_before_return": n}``; an empty state: nothing to do.
+    """
+    if stage not in ("start", "finish"):
+        raise ValueError(f"standby_step: stage must be start or finish, got {stage!r}")
+    nothing = {"state": "", "serving_before_return": 0}
+    if warm_replicas_of(serving, service) == 0 or direction not in ("scale_out", "scale_in"):
+        return nothing
+    if stage == "start":
+        return {"state": "promoted" if direction == "scale_out" else "standby", "serving_before_return": 0}
+    if direction != "scale_out" or decision == "failed":
+        return nothing
+    replicas, _ = replicas_after_run(fields or {}, replicas_after_join)
+    wanted = [record.get("replicas") for record in desired or [] if isinstance(record, dict) and record.get("service") == service]
+    held = replicas >= int(wanted[0]) if wanted else decision == "acted"
+    if not held:
+        return nothing
+    return {"state": "standby", "serving_before_return": max(replicas, 1)}

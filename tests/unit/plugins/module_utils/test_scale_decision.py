@@ -587,3 +587,61 @@ def test_a_decision_not_to_act_records_what_it_was_made_on(direction, replicas, 
         return
     assert plan["decision"] == "none", plan["reason"]
     assert records == [{"service": "resnet18", "direction": direction, "replicas": expected[0], "desired": expected[1], "until": expected[2]}]
+
+
+WARM = [{"service": "resnet18", "warm_replicas": 1}, {"service": "densenet161"}]
+
+
+DESIRED_4 = [{"service": "resnet18", "replicas": 4}]
+
+
+@pytest.mark.parametrize(
+    ("service", "direction", "stage", "decision", "fields", "after_join", "desired", "expected"),
+    [
+        # A scale-out lends the standby at once; a scale-in hands lent standby back before it removes a replica.
+        ("resnet18", "scale_out", "start", "", None, None, None, ("promoted", 0)),
+        ("resnet18", "scale_in", "start", "", None, None, None, ("standby", 0)),
+        # A service without standby, or an unknown direction: nothing.
+        ("densenet161", "scale_out", "start", "", None, None, None, ("", 0)),
+        ("nosuch", "scale_out", "start", "", None, None, None, ("", 0)),
+        ("resnet18", "", "start", "", None, None, None, ("", 0)),
+        # A scale-out whose replicas reach the desired count returns them once those replicas are up in the proxy ...
+        ("resnet18", "scale_out", "finish", "acted", {"replicas_before": 2, "replicas_after": 4}, None, DESIRED_4, ("standby", 4)),
+        # ... counting those after the join when it grew the pool ...
+        ("resnet18", "scale_out", "finish", "acted", {"replicas_after": 3}, {"replicas": 4, "previous_replicas": 3}, DESIRED_4, ("standby", 4)),
+        ("resnet18", "scale_out", "finish", "acted", {"replicas_after": 4}, {"skipped": True}, DESIRED_4, ("standby", 4)),
+        # ... and also when it did not act because an earlier run (one killed before its return) left them there.
+        ("resnet18", "scale_out", "finish", "not_acted", {"replicas_before": 4}, None, DESIRED_4, ("standby", 4)),
+        # Short of the desired count (no room, a cooldown, the pool still growing): the standby goes on serving.
+        ("resnet18", "scale_out", "finish", "acted", {"replicas_after": 3}, None, DESIRED_4, ("", 0)),
+        ("resnet18", "scale_out", "finish", "not_acted", {"replicas_before": 2}, None, DESIRED_4, ("", 0)),
+        ("resnet18", "scale_out", "finish", "failed", {"replicas_after": 4}, None, DESIRED_4, ("", 0)),
+        # Another service's desired count says nothing about this one; with none recorded, only an action returns them.
+        ("resnet18", "scale_out", "finish", "acted", {"replicas_after": 2}, None, [{"service": "densenet161", "replicas": 9}], ("standby", 2)),
+        ("resnet18", "scale_out", "finish", "not_acted", {"replicas_before": 2}, None, [], ("", 0)),
+        # Never a wait for 0 own servers.
+        ("resnet18", "scale_out", "finish", "acted", {}, None, None, ("standby", 1)),
+        # A scale-in returned them at its start.
+        ("resnet18", "scale_in", "finish", "acted", {"replicas_after": 2}, None, DESIRED_4, ("", 0)),
+    ],
+)
+def test_what_a_run_does_with_the_standby_replicas(service, direction, stage, decision, fields, after_join, desired, expected):
+    from ansible_collections.mlfleet.serving.plugins.module_utils._scale_decision import standby_step
+
+    step = standby_step(WARM, service, direction, stage, decision=decision, fields=fields, replicas_after_join=after_join, desired=desired)
+    assert (step["state"], step["serving_before_return"]) == expected
+
+
+@pytest.mark.parametrize(
+    ("serving", "stage", "message"),
+    [
+        ([{"service": "resnet18", "warm_replicas": "two"}], "start", "warm_replicas of resnet18 must be a whole number, got 'two'"),
+        ([{"service": "resnet18", "warm_replicas": -1}], "start", "warm_replicas of resnet18 must be 0 or more, got -1"),
+        (WARM, "end", "stage must be start or finish, got 'end'"),
+    ],
+)
+def test_a_standby_setting_that_cannot_be_used_is_named(serving, stage, message):
+    from ansible_collections.mlfleet.serving.plugins.module_utils._scale_decision import standby_step
+
+    with pytest.raises(ValueError, match=re.escape(message)):
+        standby_step(serving, "resnet18", "scale_out", stage)
