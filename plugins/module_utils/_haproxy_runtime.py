@@ -62,10 +62,14 @@ class RuntimeSocket:
             raise RuntimeError(f"HAProxy refused the weight {weight} for {backend}/{server}: {answer}")
 
     def save_state(self, path):
-        """Write ``show servers state`` to ``path`` atomically (mode 0600), the file HAProxy loads when it starts."""
+        """Write ``show servers state`` to ``path`` atomically (mode 0600), the file HAProxy loads when it starts.
+
+        The file belongs to the owner of its directory (the proxy's user, which must read it when it starts), also
+        when root writes it."""
         answer = self.command("show servers state")
         parse_servers_state(answer)
         directory = os.path.dirname(path) or "."
+        owner = os.stat(directory)
         descriptor, temporary = tempfile.mkstemp(dir=directory, prefix=".server-state.", suffix=".tmp")
         try:
             with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
@@ -73,6 +77,8 @@ class RuntimeSocket:
                 handle.flush()
                 os.fsync(handle.fileno())
             os.chmod(temporary, 0o600)
+            if os.geteuid() == 0 and (owner.st_uid, owner.st_gid) != (0, 0):
+                os.chown(temporary, owner.st_uid, owner.st_gid)
             os.replace(temporary, path)
         except BaseException:
             if os.path.exists(temporary):

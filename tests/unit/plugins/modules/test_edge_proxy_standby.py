@@ -150,6 +150,15 @@ def test_the_weights_survive_a_restart_of_the_proxy(capsys, proxy):
     assert not standby(capsys, proxy)["changed"], "the restarted proxy loaded the promoted weights"
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="root writes the state file for the proxy's user")
+def test_the_state_file_belongs_to_the_proxys_user_when_root_writes_it(capsys, proxy):
+    # The edge proxy runs as haproxy (uid 99) and owns its runtime directory; the module runs as root over SSH.
+    os.chown(proxy.runtime_dir, 4242, 4243)
+    promoted = standby(capsys, proxy)
+    owner = os.stat(promoted["state_file"])
+    assert (owner.st_uid, owner.st_gid) == (4242, 4243) and oct(owner.st_mode & 0o777) == "0o600"
+
+
 def test_check_mode_reports_and_changes_nothing(capsys, proxy):
     checked = standby(capsys, proxy, check_mode=True, diff=True)
     assert checked["changed"] and checked["diff"] == {"before": {"standby1": 0, "standby2": 0}, "after": {"standby1": 1, "standby2": 1}}
