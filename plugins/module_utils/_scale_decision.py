@@ -590,7 +590,7 @@ def standby_step(serving, service, direction, stage, decision="", fields=None, r
         return {"state": "promoted" if direction == "scale_out" else "standby", "serving_before_return": 0}
     if direction != "scale_out" or decision == "failed":
         return nothing
-    replicas, _ = replicas_after_run(fields or {}, replicas_after_join)
+    replicas = replicas_after_run(fields or {}, replicas_after_join)[0]
     wanted = [record.get("replicas") for record in desired or [] if isinstance(record, dict) and record.get("service") == service]
     held = replicas >= int(wanted[0]) if wanted else decision == "acted"
     if not held:

@@ -55,7 +55,7 @@ options:
   serving_before_return:
     description:
       - With O(state=standby), return the standby servers only once at least this many of the backend's own servers (not
-        the standby ones) are up and in rotation, waiting up to O(wait_timeout) seconds for them: the capacity the
+        the standby ones) are up and in rotation, waiting up to O(wait_timeout) seconds for them, so that the capacity the
         promotion lent is handed back only when the service's own replicas hold it.
       - When they are not up in time, the standby servers stay in rotation, RV(held) is true and nothing fails; the next
         return tries again.

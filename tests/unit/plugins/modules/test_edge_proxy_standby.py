@@ -87,7 +87,7 @@ backend densenet161
         (self.runtime_dir / "admin.sock").unlink(missing_ok=True)
 
     def answers(self, count):
-        names = [urllib.request.urlopen(f"http://127.0.0.1:{self.port}/", timeout=5).read().decode() for _ in range(count)]
+        names = [urllib.request.urlopen(f"http://127.0.0.1:{self.port}/", timeout=5).read().decode() for _request in range(count)]
         return {name: names.count(name) for name in set(names)}
 
 
