@@ -75,8 +75,8 @@ def site(tmp_path_factory):
                 "mlfleet_nameserver": gateway,
                 # Small steps, short cooldowns and stabilization, so that one test sees replicas, a VM and the way back. resnet18
                 # is sized for half a request per replica: the autoscaler test's 10 clients (the proxy sees 6 or more of them
-                # at a poll) desire its maximum of 8 at once, in one decision (max_scale_up 6), and only 7 fit on the two
-                # workers, so that decision also grows the pool.
+                # at a poll) desire its maximum of 8 at once, in one decision (max_scale_up 6), and only 6 fit on the two
+                # workers beside the standby replica, so that decision also grows the pool.
                 "mlfleet_autoscale": {"services": {"resnet18": {"min": 2, "max": 8, "step": 3, "target_per_replica": 0.5, "max_scale_up": 6},
                                                    "densenet161": {"min": 1, "max": 3, "step": 1}},
                                       "cooldown": {"scale_out": 10, "scale_in": 15, "scale_in_after_scale_out": 20},
@@ -254,13 +254,14 @@ def ask(endpoint, model, body, headers=None, token=None):
     return requests.post(f"{endpoint.url}/predictions/{model}", data=body.data, headers=headers, verify=endpoint.ca_file, timeout=120)
 
 
-def stats_rows(site, backend):
+def stats_rows(site, backend, servers="task"):
+    """The proxy's stats of a backend's servers: its own (task1, ...) or its standby ones (servers="standby")."""
     stats = edge_endpoint(site, "stats.token")
     response = requests.get(f"https://{MANAGER}:8404/stats;csv", headers={"Authorization": f"Bearer {stats.token}"}, verify=stats.ca_file, timeout=10)
     response.raise_for_status()
     header, *rows = response.text.lstrip("# ").splitlines()
     names = header.split(",")
-    return [dict(zip(names, row.split(","), strict=False)) for row in rows if row.startswith(f"{backend},task")]
+    return [dict(zip(names, row.split(","), strict=False)) for row in rows if row.startswith(f"{backend},{servers}")]
 
 
 def servers_up(site, backend):
@@ -474,6 +475,66 @@ def test_a_scheduled_floor_raises_the_replicas_and_holds_them_through_a_scale_in
             run(["docker", "exec", manager_container(), "docker", "service", "scale", "densenet161=1"], check=False)
 
 
+def standby_up(site, backend):
+    """The backend's standby servers that are up: {name: (weight, requests sent to it so far)}."""
+    return {row["svname"]: (int(row["weight"]), int(row["stot"])) for row in stats_rows(site, backend, "standby") if row["status"] == "UP"}
+
+
+def test_a_standby_replica_serves_only_while_a_scale_out_lends_it_and_keeps_its_weight_through_a_proxy_restart(site):
+    """resnet18's standby replica (warm_replicas: 1 in the lab inventory) against the real proxy and scale playbooks."""
+    endpoint = edge_endpoint(site)
+    body = jpeg_body(5)
+    (standby,) = wait_for("resnet18's standby replica up in the proxy", lambda: standby_up(site, "resnet18"), timeout=180)
+    started = time.time()
+    since = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(started))
+    with Load(endpoint, "resnet18", body.data, body.content_type, clients=4, max_requests=4000, max_seconds=600) as load:
+        load.wait_for(lambda answers: len(answers) >= 30, 120, "30 answers")
+        weight, sent = standby_up(site, "resnet18")[standby]
+        assert weight == 0 and not [a for a in load.answers if a.task.startswith("resnet18-standby.")], load.summary()
+        # A backlog of 2 asks for 4 replicas (target_per_replica 0.5): the standby serves from the run's start until they are up.
+        pressure = {"action": "scale_out", "status": "firing", "service": "resnet18", "source": "serving_pressure", "received_at": started,
+                    "values": {"backlog": 2, "servers_up": 2, "standby_up": 1}}  # fmt: skip
+        lent_from = time.monotonic()
+        scale_run(site, "scale_out", pressure)
+        lent_until = time.monotonic()
+        (decision,) = [e for e in audit_events(site["state"], kind="scale", service="resnet18") if e["time"] >= since]
+        assert decision["decision"] == "acted" and decision["fields"]["replicas_after"] == 4, decision
+        assert decision["fields"]["standby_lent"] == 1 and decision["fields"]["standby_returned"] == 1, decision
+        assert decision["fields"]["standby_s"] < decision["fields"]["standby_return_s"], decision
+        lent = [a for a in load.answers if a.task.startswith("resnet18-standby.")]
+        assert lent and all(lent_from <= a.started <= lent_until for a in lent), load.summary()
+        assert len(servers_up(site, "resnet18")) == 4
+        # Back at weight 0, it takes no request again: its count of requests stands still under load.
+        weight, sent = standby_up(site, "resnet18")[standby]
+        assert weight == 0
+        answered = len(load.answers)
+        load.wait_for(lambda answers: len(answers) >= answered + 30, 120, "30 answers after the return")
+        assert standby_up(site, "resnet18")[standby] == (0, sent)
+    print(f"\nscale-out lending the standby replica (4 clients): {load.summary()}; {len(lent)} answers from the standby")
+    assert load.failures() == [], load.summary()
+
+    # Lent by hand, the weight is saved on the node; a new proxy task loads it.
+    adhoc = ["ansible", "swarm_managers", "-i", site["inventory"], "-b", "-m", "mlfleet.serving.edge_proxy_standby", "-a", "service=resnet18"]
+    run(adhoc, env=site["env"])
+    assert standby_up(site, "resnet18")[standby][0] == 1
+    proxies = run(["docker", "exec", manager_container(), "docker", "ps", "-q", "--filter", "label=com.docker.swarm.service.name=edge-proxy"]).stdout.split()
+    run(["docker", "exec", manager_container(), "docker", "kill", *proxies])
+
+    def restarted():
+        try:
+            return standby_up(site, "resnet18").get(standby)
+        except requests.RequestException:
+            return None
+
+    assert wait_for("the restarted proxy's standby server up", restarted, timeout=120)[0] == 1
+    # A scale-in hands lent standby back before it removes a replica, even one that does not act (the cooldown).
+    calm = {"action": "scale_in", "status": "firing", "service": "resnet18", "source": "serving_pressure", "received_at": time.time(), "values": {}}
+    scale_run(site, "scale_in", calm)
+    assert standby_up(site, "resnet18")[standby][0] == 0
+    serve_yml(site, mlfleet_serving=service_replicas(site, "resnet18", 2), torchserve_keep_replicas=False)
+    wait_for("2 resnet18 tasks up in the proxy", lambda: len(servers_up(site, "resnet18")) == 2, timeout=120)
+
+
 # Autoscaling: the real ansible-rulebook with the collection's rulebook, both event sources and the scale playbooks,
 # against this lab. The fast path drives the scaling (no webhook is posted for it); the Grafana path is driven with
 # notifications shaped exactly like Grafana's.
@@ -577,7 +638,7 @@ def test_autoscaler_scales_out_to_a_new_vm_under_load_and_back_in_dropping_nothi
         lines = [f"  {e['time']} {e['service']} {e['action']} {e['decision']}: {e['reason']} {e['values']} {e['fields']}" for e in events]
         return "\n".join(["scale decisions since the test began:", *lines, "the autoscaler's output ends:", autoscaler.output()[-3000:]])
 
-    # 10 clients: 5 per replica at first, so the first decision asks for the maximum of 8 at once (7 fit on the two
+    # 10 clients: 5 per replica at first, so the first decision asks for the maximum of 8 at once (6 fit on the two
     # workers: it grows the pool), then 1.25 on 8, below the threshold of 1.5.
     # The proxy's in-flight count must stay above the threshold at every poll of out_for seconds, while a closed-loop
     # client is at times between two requests: with 8 clients (1.6 on 5) a VM scale-out waited minutes for that.
