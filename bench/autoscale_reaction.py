@@ -1,22 +1,26 @@
-"""How fast the autoscaler reacts to a load step on the lab, phase by phase, and a timeline plot.
+"""How fast the autoscaler reacts to a load step on the lab, phase by phase, with and without standby replicas.
 
-Needs the lab that ``scripts/site`` deployed (the default lab, or MLFLEET_LAB_* as for lab/up.sh). It starts the
-autoscaler as a user does (``scripts/autoscale``: the real ansible-rulebook, the serving_pressure fast path, the
-scale playbooks), then:
+Needs the lab that ``scripts/site`` deployed (the default lab, or MLFLEET_LAB_* as for lab/up.sh). For each count of
+``--warm-replicas`` (default 0 and 1) it deploys the service with that many standby replicas (``serve.yml`` with a copy
+of the lab inventory), starts the autoscaler as a user does (``scripts/autoscale``: the real ansible-rulebook, the
+serving_pressure fast path, the scale playbooks), then:
 
 1. light load (1 client) for a baseline, then a step to ``--clients`` clients at t0;
-2. t1 = the first 2xx answered by a task that did not exist at t0 (the proxy's X-MLfleet-Task header): the fast
-   path's reaction, split into its phases from the audit trail and the proxy's stats:
-   detection (t0 → the event source fires), dispatch (→ the playbook starts), plan, replicas set, the new task up
-   in the proxy, first answer;
-3. the load stays until replicas no longer fit and a new worker VM serves: t1 of the VM path, from the event that
-   decided to grow the pool to the first 2xx from a task on the new VM, with the simulator's boot time stated;
+2. t1 = the first 2xx answered by a task that did not answer before t0 (the proxy's X-MLfleet-Task header), a lent
+   standby replica included: the reaction, split into its phases from the audit trail and the proxy's stats:
+   detection (t0 → the event source fires), dispatch (→ the playbook starts), promotion of the standby replicas or
+   the plan and the replica request, the new task up in the proxy, first answer; and the first 2xx from a new
+   replica of the service itself (cold);
+3. unless ``--no-vm``: the load stays until replicas no longer fit and a new worker VM serves: t1 of the VM path,
+   from the event that decided to grow the pool to the first 2xx from a task on the new VM, with the simulator's
+   boot time stated;
 4. back to 1 client until the autoscaler is back at its minimum (scale-in, every request counted).
 
-Prints the figures and writes a PNG timeline (load, latency, replicas, worker VMs). Every load is bounded in
-requests and seconds; traffic goes only to the lab's own edge proxy.
+Prints the figures of each, then side by side, and writes a PNG timeline for each (load, latency, replicas in
+rotation, standby replicas lent and waiting, worker VMs). Every load is bounded in requests and seconds; traffic goes
+only to the lab's own edge proxy. At the end the lab is deployed as its inventory says again.
 
-    . scripts/_env.sh && python bench/autoscale_reaction.py [--clients 12] [--png bench/autoscale_timeline.png]
+    . scripts/_env.sh && python bench/autoscale_reaction.py [--clients 12] [--warm-replicas 0 1] [--no-vm]
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ import time
 from pathlib import Path
 
 import requests
+import yaml
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO_ROOT / "tests" / "lab"), str(REPO_ROOT / "tests" / "models"), str(REPO_ROOT)]
@@ -67,14 +72,33 @@ class Lab:
                 return container
         raise SystemExit(f"no VM of the lab {self.name} has the manager's address {self.manager_address}: run scripts/site first")
 
-    def servers_up(self, backend):
+    def servers(self, backend, prefix):
+        """The backend's servers up in the proxy whose names start with ``prefix`` (task: its own, standby: standby)."""
         response = requests.get(f"https://{self.manager_address}:8404/stats;csv", headers={"Authorization": f"Bearer {self.stats_token}"},
                                 verify=self.endpoint.ca_file, timeout=10)  # fmt: skip
         response.raise_for_status()
         header, *rows = response.text.lstrip("# ").splitlines()
         names = header.split(",")
         servers = (dict(zip(names, row.split(","), strict=False)) for row in rows)
-        return [r for r in servers if r["pxname"] == backend and r["svname"].startswith("task") and r["status"] == "UP"]
+        return [r for r in servers if r["pxname"] == backend and r["svname"].startswith(prefix) and r["status"] == "UP"]
+
+    def servers_up(self, backend):
+        return self.servers(backend, "task")
+
+    def inventory(self, service, warm_replicas):
+        """A copy of the lab inventory whose ``service`` keeps ``warm_replicas`` standby replicas, with absolute paths
+        as scripts/autoscale makes it, for serve.yml and the autoscaler's playbooks."""
+        directory = self.state / "autoscale" / f"bench-inventory-warm{warm_replicas}"
+        (directory / "group_vars").mkdir(parents=True, exist_ok=True)
+        settings = yaml.safe_load((REPO_ROOT / "inventories" / "lab" / "group_vars" / "all.yml").read_text())
+        settings["mlfleet_serving"] = [
+            {**entry, "warm_replicas": warm_replicas} if entry["service"] == service else entry for entry in settings["mlfleet_serving"]
+        ]
+        (directory / "group_vars" / "all.yml").write_text(yaml.safe_dump(settings))
+        proxmox = yaml.safe_load((REPO_ROOT / "inventories" / "lab" / "proxmox.yml").read_text())
+        proxmox |= {"ca_path": str(self.state / "pvesim" / "ca.pem"), "api_port": int(os.environ.get("MLFLEET_LAB_PVE_PORT", "8006"))}
+        (directory / "proxmox.yml").write_text(yaml.safe_dump(proxmox))
+        return directory
 
 
 class Timeline(threading.Thread):
@@ -95,19 +119,25 @@ class Timeline(threading.Thread):
             answers = [a for load in self.loads for a in list(load.answers) if now - 1.0 <= a.started + a.seconds < now]
             try:
                 replicas = len(self.lab.servers_up(self.service))
+                standby = self.lab.servers(self.service, "standby")
+                lent = len([r for r in standby if r["weight"] != "0"])
+                standby = len(standby) - lent
                 workers = len([n for n in swarm_nodes(self.manager) if n["role"] == "worker" and n["status"] == "ready" and n["availability"] == "active"])
             except Exception:  # noqa: BLE001 - a missed sample is a gap in the plot, not a failed run
-                replicas = workers = None
+                replicas = workers = standby = lent = None
             ok = [a for a in answers if a.status == 200]
             latency = sum(a.seconds for a in ok) / len(ok) if ok else None
-            self.samples.append({"t": now, "answers": len(ok), "failed": len(answers) - len(ok), "latency": latency, "replicas": replicas, "workers": workers})
+            sample = {"t": now, "answers": len(ok), "failed": len(answers) - len(ok), "latency": latency, "replicas": replicas}
+            self.samples.append(sample | {"standby": standby, "lent": lent, "workers": workers})
             self.stopping.wait(max(0.0, 1.0 - (time.monotonic() - now)))
 
 
-def first_new_answer(load: Load, known_tasks: set, since: float, nodes: set | None = None):
+def first_new_answer(load: Load, known_tasks: set, since: float, nodes: set | None = None, own_service: str | None = None):
+    """The first 2xx since ``since`` from a task not in ``known_tasks``: on one of ``nodes``, of ``own_service``'s
+    own tasks (``<service>.<slot>.<id>``, not its standby service's) when given."""
     for answer in sorted(list(load.answers), key=lambda a: a.started + a.seconds):
         if answer.status == 200 and answer.task and answer.task not in known_tasks and answer.started + answer.seconds >= since:
-            if nodes is None or answer.node in nodes:
+            if (nodes is None or answer.node in nodes) and (own_service is None or answer.task.startswith(f"{own_service}.")):
                 return answer
     return None
 
@@ -137,8 +167,11 @@ def plot(timeline: Timeline, t0: float, marks: dict, path: Path):
     axes[0].legend(loc="upper right")
     axes[1].plot(times, [s["latency"] * 1000 if s["latency"] else None for s in samples])
     axes[1].set_ylabel("mean latency (ms)")
-    axes[2].step(times, [s["replicas"] for s in samples], where="post")
+    axes[2].step(times, [s["replicas"] for s in samples], where="post", label="own replicas in rotation")
+    axes[2].step(times, [s.get("lent") for s in samples], where="post", label="standby lent (in rotation)", color="orange")
+    axes[2].step(times, [s.get("standby") for s in samples], where="post", label="standby (weight 0)", color="grey", linestyle="--")
     axes[2].set_ylabel(f"{timeline.service} replicas up")
+    axes[2].legend(loc="upper right", fontsize=7)
     axes[3].step(times, [s["workers"] for s in samples], where="post", color="green")
     axes[3].set_ylabel("worker VMs")
     axes[3].set_xlabel("seconds since the load step (t0)")
@@ -227,29 +260,23 @@ def phase_table(event: dict, t0: float, up_at: float | None, first: float | None
     return rows
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n", maxsplit=1)[0])
-    parser.add_argument("--service", default="resnet18")
-    parser.add_argument("--clients", type=int, default=12)
-    parser.add_argument("--png", type=Path, default=REPO_ROOT / "bench" / "autoscale_timeline.png")
-    parser.add_argument("--max-seconds", type=float, default=1500)
-    parser.add_argument("--samples", type=Path, help="also write the timeline's samples here (JSON)")
-    args = parser.parse_args()
-
-    lab = Lab()
+def cycle(lab: Lab, args, warm: int, env: dict, boot: float) -> dict:
+    """One load step with the service keeping ``warm`` standby replicas: deploy that, step, measure, back to calm."""
+    inventory = lab.inventory(args.service, warm)
+    print(f"\n=== {args.service} with warm_replicas: {warm} (serve.yml deploys it)", flush=True)
+    run(["ansible-playbook", "-i", str(inventory), "playbooks/serve.yml"], timeout=1800)
     # Start from the minimum: the service at its minimum replicas and the pool at its minimum workers.
     minimum = {"services": {args.service: {"min": 2, "max": 8, "step": 8}}, "cooldown": {"scale_out": 0, "scale_in": 0, "scale_in_after_scale_out": 0},
                "stabilization": {"scale_in": 0}, "lease": {"path": str(lab.state / "autoscale.lease")}}  # fmt: skip
-    run(["ansible-playbook", "-e", json.dumps({"mlfleet_autoscale": minimum, "scale_service": args.service}), "playbooks/scale_in.yml"], timeout=900)
+    run(["ansible-playbook", "-i", str(inventory), "-e", json.dumps({"mlfleet_autoscale": minimum, "scale_service": args.service}), "playbooks/scale_in.yml"],
+        timeout=900)  # fmt: skip
     body = jpeg_body(7)
-    env = {"MLFLEET_LAB_STATE": str(lab.state), "MLFLEET_LAB_GATEWAY": lab.gateway, "MLFLEET_LAB_NAME": lab.name}
-    durations = DEFAULT_CONFIG["durations"]
-    boot = durations["clone_full"] + durations["start"] + durations["boot_to_agent"]
-    log = lab.state / "autoscale" / "bench-rulebook.log"
+    log = lab.state / "autoscale" / f"bench-rulebook-warm{warm}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     timeline = Timeline(lab, args.service)
     marks = {}
-    with Autoscaler(env, lab.state, None, SETTINGS, log) as autoscaler:
+    result = {"warm": warm}
+    with Autoscaler(env, lab.state, inventory, SETTINGS, log) as autoscaler:
         print(f"autoscaler running (output: {autoscaler.log})")
         timeline.start()
         with Load(lab.endpoint, args.service, body.data, body.content_type, clients=1, max_requests=100000, max_seconds=args.max_seconds) as calm:
@@ -267,24 +294,30 @@ def main():
                 t0 = time.monotonic()
                 marks["t0 load step"] = t0
                 timeline.loads.append(burst)
-                up_at = wait("a new replica up in the proxy", lambda: time.monotonic() if len(lab.servers_up(args.service)) > replicas_before else None, 300)
-                first = wait("a 2xx from a new task", lambda: first_new_answer(burst, known, t0), 300)
+                # Added capacity: any task that did not answer before t0, a lent standby replica included.
+                first = wait("a 2xx from added capacity", lambda: first_new_answer(burst, known, t0), 300)
                 t1 = first.started + first.seconds
-                marks["t1 fast path"] = t1
+                marks["t1 added capacity"] = t1
+                up_at = wait("a new replica up in the proxy", lambda: time.monotonic() if len(lab.servers_up(args.service)) > replicas_before else None, 300)
+                own = wait("a 2xx from a new replica of the service", lambda: first_new_answer(burst, known, t0, own_service=args.service), 300)
+                t1_own = own.started + own.seconds
+                if t1_own != t1:
+                    marks["t1 new replica"] = t1_own
                 # The run records its decision when it ends, after the new replicas run.
                 fast_event = wait("the audit event of the first scale-out", lambda: next((e for e in audit_events(
                     lab.state, kind="scale", action="scale_out", decision="acted", service=args.service)
                     if e["fields"].get("started_at", 0) >= t0 + time.time() - time.monotonic()), None), 300)  # fmt: skip
-                # The VM path: keep the load until a task on a new worker VM answers.
-                new_workers = wait("a new worker VM in the swarm", lambda: {n["hostname"] for n in swarm_nodes(timeline.manager)
-                                   if n["role"] == "worker" and n["vmid"] not in workers_before and n["status"] == "ready"}, 900)  # fmt: skip
-                vm_first = wait("a 2xx from a task on the new VM", lambda: first_new_answer(burst, known, t0, new_workers), 900)
-                t1_vm = vm_first.started + vm_first.seconds
-                marks["t1 new VM"] = t1_vm
-                vm_event = wait("the audit event of the scale-out that grew the pool", lambda: next((e for e in audit_events(
-                    lab.state, kind="scale", action="scale_out", decision="acted", service=args.service)
-                    if e["fields"].get("workers_after", 0) > e["fields"].get("workers_before", 0)
-                    and e["fields"].get("started_at", 0) >= t0 + time.time() - time.monotonic()), None), 600)  # fmt: skip
+                if not args.no_vm:
+                    # The VM path: keep the load until a task on a new worker VM answers.
+                    new_workers = wait("a new worker VM in the swarm", lambda: {n["hostname"] for n in swarm_nodes(timeline.manager)
+                                       if n["role"] == "worker" and n["vmid"] not in workers_before and n["status"] == "ready"}, 900)  # fmt: skip
+                    vm_first = wait("a 2xx from a task on the new VM", lambda: first_new_answer(burst, known, t0, new_workers), 900)
+                    result["t1_vm"] = vm_first.started + vm_first.seconds
+                    marks["t1 new VM"] = result["t1_vm"]
+                    result["vm_event"] = wait("the audit event of the scale-out that grew the pool", lambda: next((e for e in audit_events(
+                        lab.state, kind="scale", action="scale_out", decision="acted", service=args.service)
+                        if e["fields"].get("workers_after", 0) > e["fields"].get("workers_before", 0)
+                        and e["fields"].get("started_at", 0) >= t0 + time.time() - time.monotonic()), None), 600)  # fmt: skip
             marks["load back to 1 client"] = time.monotonic()
             wait("the autoscaler back at its minimum", lambda: len(lab.servers_up(args.service)) <= replicas_before
                  and {n["vmid"] for n in swarm_nodes(timeline.manager) if n["role"] == "worker"} <= workers_before | set(), 900, interval=2)  # fmt: skip
@@ -293,18 +326,39 @@ def main():
             time.sleep(5)
         timeline.stopping.set()
         timeline.join(timeout=10)
+    result.update(t0=t0, t1=t1, t1_own=t1_own, up_at=up_at, first_task=first.task, fast_event=fast_event, burst=burst, calm=calm,
+                  timeline=timeline, marks=marks, cpu=(cpu_before, cpu_after))  # fmt: skip
+    report(lab, args, result, boot)
+    png = args.png.with_name(f"{args.png.stem}-warm{warm}{args.png.suffix}") if len(args.warm_replicas) > 1 else args.png
+    plot(timeline, t0, marks, png)
+    print(f"timeline: {png}")
+    return result
+
+
+def report(lab: Lab, args, result: dict, boot: float):
+    t0, t1, fast_event = result["t0"], result["t1"], result["fast_event"]
     wall_offset = time.time() - time.monotonic()
-    requested = fast_event["fields"]["started_at"] + fast_event["fields"].get("plan_s", 0) - wall_offset
-    print(f"\nload step to {args.clients} clients at t0; replica change requested at t0 + {requested - t0:.1f} s (target ≤ 6 s)")
-    print(f"fast path t1 (first 2xx from a new task, cold replicas) = {t1 - t0:.1f} s")
-    for name, seconds in phase_table(fast_event, t0, up_at, t1):
+    fields = fast_event["fields"]
+    requested = fields["started_at"] + fields.get("plan_s", 0) - wall_offset
+    print(f"\nload step to {args.clients} clients at t0; replica change requested at t0 + {requested - t0:.1f} s")
+    print(f"t1, first 2xx from added capacity ({result['first_task']}) = {t1 - t0:.1f} s (target with standby ≤ 10 s); "
+          f"first 2xx from a new replica of the service = {result['t1_own'] - t0:.1f} s")  # fmt: skip
+    for name, seconds in phase_table(fast_event, t0, result["up_at"], result["t1_own"]):
         print(f"  {name:<48} {seconds:6.1f} s")
-    vm_started = vm_event["fields"]["event_received_at"] - wall_offset
-    print(f"\nVM path: the event that grew the pool → first 2xx from a task on the new VM = {t1_vm - vm_started:.1f} s; "
-          f"simulated VM boot {boot:.0f} s (clone {durations['clone_full']:.0f} + start {durations['start']:.0f} + guest agent "
-          f"{durations['boot_to_agent']:.0f}); beyond the boot {t1_vm - vm_started - boot:.1f} s (target ≤ 60 s)")  # fmt: skip
-    for name, seconds in phase_table(vm_event, vm_started, None, None)[1:]:
-        print(f"  {name:<48} {seconds:6.1f} s")
+    if "standby_s" in fields:
+        promoted = fields["started_at"] + fields["standby_s"] - wall_offset
+        print(f"  {'promotion: playbook start → standby in rotation':<48} {fields['standby_s']:6.1f} s")
+        print(f"  {'standby in rotation → first 2xx from it':<48} {t1 - promoted:6.1f} s")
+        if "standby_return_s" in fields:
+            print(f"  {'standby back to weight 0 at playbook start +':<48} {fields['standby_return_s']:6.1f} s")
+    if "vm_event" in result:
+        vm_started = result["vm_event"]["fields"]["event_received_at"] - wall_offset
+        durations = DEFAULT_CONFIG["durations"]
+        print(f"\nVM path: the event that grew the pool → first 2xx from a task on the new VM = {result['t1_vm'] - vm_started:.1f} s; "
+              f"simulated VM boot {boot:.0f} s (clone {durations['clone_full']:.0f} + start {durations['start']:.0f} + guest agent "
+              f"{durations['boot_to_agent']:.0f}); beyond the boot {result['t1_vm'] - vm_started - boot:.1f} s")  # fmt: skip
+        for name, seconds in phase_table(result["vm_event"], vm_started, None, None)[1:]:
+            print(f"  {name:<48} {seconds:6.1f} s")
     window = [e for e in audit_events(lab.state, kind="scale") if e["fields"].get("started_at", 0) >= t0 + wall_offset]
     runs = [e for e in window if not e.get("values", {}).get("suppressed")]
     suppressed = [e for e in audit_events(lab.state, kind="scale") if e.get("values", {}).get("suppressed") and e["time"] >= time.strftime(
@@ -312,21 +366,64 @@ def main():
     print(f"\nscale runs from t0 until back at the minimum: {len(runs)} (of {args.service}: "
           f"{len([e for e in runs if e.get('service') == args.service])}), of which not acted: {len([e for e in runs if e['decision'] == 'not_acted'])}; "
           f"decisions not to act that ran no playbook (serving_pressure's summaries): {sum(e['fields'].get('suppressed', 0) for e in suppressed)}")  # fmt: skip
-    for line in decisions_report([e for e in runs if e.get("service") == args.service], timeline.samples, t0, wall_offset):
+    for line in decisions_report([e for e in runs if e.get("service") == args.service], result["timeline"].samples, t0, wall_offset):
         print(line)
+    cpu_before, cpu_after = result["cpu"]
     spent = cpu_after["total"] - cpu_before["total"]
     rulebook = cpu_after["rulebook"] - cpu_before["rulebook"]
-    seconds = marks["back at the minimum"] - t0
+    seconds = result["marks"]["back at the minimum"] - t0
     print(f"control host CPU of the autoscaler from t0 until back at the minimum ({seconds:.0f} s): {spent:.1f} s; ansible-rulebook itself "
           f"(event sources, rule engine) {rulebook:.1f} s ({rulebook / seconds * 100:.1f}% of a core); the scale playbook runs "
           f"{spent - rulebook:.1f} s, {(spent - rulebook) / max(len(runs), 1):.1f} s per run (playbook start included)")  # fmt: skip
-    answers = burst.answers + calm.answers
-    failed = [a for a in answers if a.status != 200]
-    print(f"\nrequests over the whole run: {len(answers)}, failed {len(failed)}; burst: {burst.summary()}; calm (through the scale-in): {calm.summary()}")
-    plot(timeline, t0, marks, args.png)
-    print(f"timeline: {args.png}")
-    if args.samples:
-        args.samples.write_text(json.dumps({"t0": t0, "marks": marks, "samples": timeline.samples}))
+    answers = result["burst"].answers + result["calm"].answers
+    result["failed"] = len([a for a in answers if a.status != 200])
+    result["requests"] = len(answers)
+    print(f"\nrequests over the whole run: {len(answers)}, failed {result['failed']}; burst: {result['burst'].summary()}; "
+          f"calm (through the scale-in): {result['calm'].summary()}")  # fmt: skip
+
+
+def side_by_side(results: list[dict]):
+    wall_offset = time.time() - time.monotonic()
+    rows = []
+    for result in results:
+        fields = result["fast_event"]["fields"]
+        t0 = result["t0"]
+        rows.append({
+            "load step → first 2xx from added capacity": result["t1"] - t0,
+            "  detection (→ event source fires)": fields.get("event_received_at", 0) - (t0 + wall_offset),
+            "  dispatch (→ playbook starts)": fields.get("started_at", 0) - fields.get("event_received_at", 0),
+            "  playbook start → standby in rotation": fields.get("standby_s"),
+            "  playbook start → replica change requested": fields.get("plan_s"),
+            "load step → first 2xx from a new own replica": result["t1_own"] - t0,
+            "requests (failed)": f"{result['requests']} ({result['failed']})",
+        })  # fmt: skip
+    print("\nside by side, one run on one lab:")
+    print(f"  {'':<48}" + "".join(f"{'warm_replicas ' + str(r['warm']):>18}" for r in results))
+    for name in rows[0]:
+        cells = [row[name] for row in rows]
+        print(f"  {name:<48}" + "".join(f"{'-' if c is None else (f'{c:.1f} s' if isinstance(c, float) else str(c)):>18}" for c in cells))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n", maxsplit=1)[0])
+    parser.add_argument("--service", default="resnet18")
+    parser.add_argument("--clients", type=int, default=12)
+    parser.add_argument("--warm-replicas", type=int, nargs="+", default=[0, 1],
+                        help="standby replicas of the service, one load step each, printed side by side (default: 0 1)")  # fmt: skip
+    parser.add_argument("--no-vm", action="store_true", help="end each step once the replica path is measured, without waiting for a new VM")
+    parser.add_argument("--png", type=Path, default=REPO_ROOT / "bench" / "autoscale_timeline.png")
+    parser.add_argument("--max-seconds", type=float, default=1500)
+    args = parser.parse_args()
+
+    lab = Lab()
+    env = {"MLFLEET_LAB_STATE": str(lab.state), "MLFLEET_LAB_GATEWAY": lab.gateway, "MLFLEET_LAB_NAME": lab.name}
+    durations = DEFAULT_CONFIG["durations"]
+    boot = durations["clone_full"] + durations["start"] + durations["boot_to_agent"]
+    results = [cycle(lab, args, warm, env, boot) for warm in args.warm_replicas]
+    if len(results) > 1:
+        side_by_side(results)
+    # Leave the lab as its inventory deploys it.
+    run(["ansible-playbook", "playbooks/serve.yml"], timeout=1800)
 
 
 if __name__ == "__main__":
