@@ -527,12 +527,14 @@ def test_a_standby_replica_serves_only_while_a_scale_out_lends_it_and_keeps_its_
             return None
 
     assert wait_for("the restarted proxy's standby server up", restarted, timeout=120)[0] == 1
-    # A scale-in hands lent standby back before it removes a replica, even one that does not act (the cooldown).
+    # A scale-in hands lent standby back at its start, before it removes any replica.
     calm = {"action": "scale_in", "status": "firing", "service": "resnet18", "source": "serving_pressure", "received_at": time.time(), "values": {}}
     scale_run(site, "scale_in", calm)
     assert standby_up(site, "resnet18")[standby][0] == 0
     serve_yml(site, mlfleet_serving=service_replicas(site, "resnet18", 2), torchserve_keep_replicas=False)
     wait_for("2 resnet18 tasks up in the proxy", lambda: len(servers_up(site, "resnet18")) == 2, timeout=120)
+    # Lent and returned, never moved: the one standby replica is still there, out of rotation.
+    assert [weight for weight, _sent in standby_up(site, "resnet18").values()] == [0]
 
 
 # Autoscaling: the real ansible-rulebook with the collection's rulebook, both event sources and the scale playbooks,
