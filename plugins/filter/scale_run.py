@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from ansible.errors import AnsibleFilterError
 
-from ansible_collections.mlfleet.serving.plugins.module_utils._scale_decision import run_outcome, standby_step, vms_to_destroy
+from ansible_collections.mlfleet.serving.plugins.module_utils._scale_decision import run_outcome, standby_record, standby_step, vms_to_destroy
 
 
 def _plan(plan, name):
@@ -49,6 +49,19 @@ def scale_standby(serving, service, direction, stage, decision="", fields=None, 
         raise AnsibleFilterError(str(error)) from None
 
 
+def scale_standby_record(step, stage, proxies, started_at, now):
+    """The audit fields, phases and reasons of what the edge proxy hosts did with the standby replicas."""
+    try:
+        return standby_record(step, stage, list(proxies or []), started_at, now)
+    except (TypeError, ValueError) as error:
+        raise AnsibleFilterError(f"scale_standby_record: {error}") from None
+
+
 class FilterModule:
     def filters(self):
-        return {"scale_vms_to_destroy": scale_vms_to_destroy, "scale_outcome": scale_outcome, "scale_standby": scale_standby}
+        return {
+            "scale_vms_to_destroy": scale_vms_to_destroy,
+            "scale_outcome": scale_outcome,
+            "scale_standby": scale_standby,
+            "scale_standby_record": scale_standby_record,
+        }

@@ -596,3 +596,42 @@ def standby_step(serving, service, direction, stage, decision="", fields=None, r
     if not held:
         return nothing
     return {"state": "standby", "serving_before_return": max(replicas, 1)}
+
+
+# What each edge proxy host noted of the standby step, by stage: its module result, when it ended, why it failed.
+STANDBY_HOST_FACTS = {
+    "start": ("scale_standby_set", "scale_standby_at", "scale_standby_failure"),
+    "finish": ("scale_standby_returned", "scale_standby_returned_at", "scale_standby_return_failure"),
+}
+
+
+def standby_record(step, stage, proxies, started_at, now):
+    """The audit fields, phases and reasons of a run's standby ``step`` (:func:`standby_step`'s result for ``stage``),
+    from what every edge proxy host noted (``proxies``: each host's variables, in the order of the proxy group).
+
+    ``start``: ``standby_lent`` (1 when the step promoted), ``standby_serving`` (the standby servers up in the first
+    proxy) and ``standby_s`` (seconds from ``started_at`` to ``now``, when every proxy was done). ``finish``:
+    ``standby_returned`` and ``standby_held`` (1 when the replicas went back, or were held because the service's own did
+    not serve) and ``standby_return_s`` when they went back. Reasons: each host's failure, and the first host's message.
+    Every field is a number, as the audit trail's InfluxDB fields must be. No step: nothing."""
+    if stage not in STANDBY_HOST_FACTS:
+        raise ValueError(f"standby_record: stage must be start or finish, got {stage!r}")
+    record = {"fields": {}, "phases": {}, "reasons": []}
+    if not (step or {}).get("state"):
+        return record
+    result_key, at_key, failure_key = STANDBY_HOST_FACTS[stage]
+    hosts = [host or {} for host in proxies or []]
+    first = (hosts[0].get(result_key) or {}) if hosts else {}
+    record["reasons"] = [str(host.get(failure_key)) for host in hosts if host.get(failure_key)]
+    if stage == "start":
+        record["fields"] = {"standby_lent": int(step["state"] == "promoted"), "standby_serving": int(first.get("serving") or 0)}
+        record["phases"] = {"standby_s": round(float(now) - float(started_at), 2)}
+        return record
+    returned = bool(first.get("changed"))
+    record["fields"] = {"standby_returned": int(returned), "standby_held": int(bool(first.get("held")))}
+    if returned:
+        returned_at = hosts[0].get(at_key)
+        record["phases"] = {"standby_return_s": round(float(returned_at if returned_at is not None else started_at) - float(started_at), 2)}
+    if first.get("msg"):
+        record["reasons"].insert(0, str(first["msg"]))
+    return record

@@ -451,6 +451,27 @@ def test_a_scale_action_restarts_the_window_and_the_repeat_wait_as_an_event_woul
     assert seconds(observe_with_actions(sp.PressureTracker(), busy, other)) == [8, 38, 68]
 
 
+@pytest.mark.parametrize(
+    ("ahead", "expected"),
+    [
+        # An action that ended while the poll at 38 was under way (recorded a little after the poll's time) counts as
+        # ending at 38: the event due at 38 (30 s after the one at 8) waits 30 s from the action's end.
+        (0.5, [8, 70]),
+        (sp.ACTED_AHEAD_TOLERANCE, [8, 70]),
+        # Far ahead (the wall clock stepped back): left out until a poll's time passes it, so the due event goes out.
+        (5.0, [8, 38, 74]),
+    ],
+)
+def test_an_action_that_ended_during_the_poll_counts_from_the_poll(ahead, expected):
+    busy = every(0, 80, 2, poll_rows(per_server=8.0))
+    tracker = sp.PressureTracker()
+    events = []
+    for second, rows in busy:
+        acted = {"resnet18:scale_out": T0 + 38 + ahead} if second >= 38 else {}
+        events.extend((second, event) for event in tracker.observe(rows, T0 + second, acted=acted))
+    assert seconds(events) == expected
+
+
 def test_the_window_after_a_scale_action_needs_the_condition_for_a_whole_window():
     tracker = sp.PressureTracker(out_for=10, repeat_after=0)
     # Busy from 2, an action ends at 20 (recorded then): the condition must hold from 20 to 30 before the next event.

@@ -253,6 +253,9 @@ SERVING_STATUSES = ("UP", "no check")
 CSV_COLUMNS = ("pxname", "svname", "type", "status", "weight", "qcur", "scur", "rate", "hrsp_5xx", "qtime", "rtime")
 ROW_TYPES = {0: "frontend", 1: "backend", 2: "server", 3: "listener"}
 MAX_STATS_BYTES = 16 * 1024 * 1024
+# How far ahead of a poll's time a recorded action end may lie and still count as ending at that poll: the lease file's
+# times come from the scale run's wall clock, the poll's from this source's clock that never jumps.
+ACTED_AHEAD_TOLERANCE = 1.0
 # ansible-rulebook adds its own arguments (eda_feedback_queue, ...): they are not the user's and are ignored.
 RULEBOOK_ARG_PREFIX = "eda_"
 
@@ -755,8 +758,11 @@ class PressureTracker:
             window.began = window.counting_from = now
         last = window.last_event
         acted_at = self._acted.get(f"{service}:{action}")
-        # A time ahead of this poll (the wall clock stepped back since it was recorded) would hold the window back until
+        # An action that ended while this poll was under way is a little ahead of the poll's time: it counts as ending
+        # now. One further ahead (the wall clock stepped back since it was recorded) would hold the window back until
         # the clock caught up: such an action is left out.
+        if acted_at is not None and now < acted_at <= now + ACTED_AHEAD_TOLERANCE:
+            acted_at = now
         if acted_at is not None and acted_at <= now:
             # The condition has to hold for a whole window after the action, on the capacity it left.
             window.counting_from = max(window.counting_from, acted_at)
@@ -1180,9 +1186,11 @@ async def main(queue: asyncio.Queue[Any], args: dict[str, Any]) -> None:
                         logger.info("serving_pressure: %s answers again after %d failed polls; windows start again", order[0], consecutive_failures)
                         consecutive_failures, last_warning = 0, None
                     lease = lease_watch.read(started)
+                    # Observed once the lease is read: a scale action that ended during the poll lies before this time.
+                    observed = now()
                     events = tracker.observe(
                         rows,
-                        started,
+                        observed,
                         hold=lease.holder is not None,
                         acted=lease.last_actions,
                         max_replicas=lease.max_replicas,
@@ -1190,9 +1198,9 @@ async def main(queue: asyncio.Queue[Any], args: dict[str, Any]) -> None:
                         min_replicas=lease.min_replicas,
                         quiet=lease.quiet,
                     )
-                    lease_watch.report(tracker.held_back, started)
-                    suppressed.add(tracker.suppressed, started)
-                    suppressed.write(suppressed.due(started))
+                    lease_watch.report(tracker.held_back, observed)
+                    suppressed.add(tracker.suppressed, observed)
+                    suppressed.write(suppressed.due(observed))
                     for event in events:
                         event["received_at"] = time.time()
                         logger.info("serving_pressure: %s for %s: %s", event["action"], event["service"], event["values"])

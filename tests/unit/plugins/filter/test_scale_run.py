@@ -41,3 +41,11 @@ def test_fields_must_be_a_dict():
     plugins = filters()
     with pytest.raises(AnsibleFilterError, match="scale_outcome: fields must be the run's audit fields"):
         plugins["scale_outcome"](PLAN, "acted", "", None)
+
+
+def test_the_standby_record_reads_the_proxy_hosts_variables_and_names_a_wrong_stage():
+    plugins = filters()
+    record = plugins["scale_standby_record"]({"state": "promoted"}, "start", ({"scale_standby_set": {"serving": 2}},), "100.0", 101.25)
+    assert record == {"fields": {"standby_lent": 1, "standby_serving": 2}, "phases": {"standby_s": 1.25}, "reasons": []}
+    with pytest.raises(AnsibleFilterError, match="scale_standby_record: standby_record: stage must be start or finish"):
+        plugins["scale_standby_record"]({"state": "promoted"}, "middle", [], 0, 0)

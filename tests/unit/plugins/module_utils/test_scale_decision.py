@@ -645,3 +645,64 @@ def test_a_standby_setting_that_cannot_be_used_is_named(serving, stage, message)
 
     with pytest.raises(ValueError, match=re.escape(message)):
         standby_step(serving, "resnet18", "scale_out", stage)
+
+
+PROMOTED = {"state": "promoted", "serving_before_return": 0}
+RETURN_AT_4 = {"state": "standby", "serving_before_return": 4}
+
+
+@pytest.mark.parametrize(
+    ("step", "stage", "proxies", "expected"),
+    [
+        # No step: nothing recorded, whatever the hosts noted.
+        ({"state": "", "serving_before_return": 0}, "start", [{"scale_standby_failure": "m1: x"}], ({}, {}, [])),
+        # A promotion in two proxies: lent, what the first one has up, the seconds until both were done.
+        (
+            PROMOTED,
+            "start",
+            [{"scale_standby_set": {"serving": 1}}, {"scale_standby_set": {"serving": 1}}],
+            ({"standby_lent": 1, "standby_serving": 1}, {"standby_s": 2.5}, []),
+        ),
+        # A scale-in's return at the start lends nothing; a host that failed is named, the others still count.
+        (
+            {"state": "standby", "serving_before_return": 0},
+            "start",
+            [{"scale_standby_failure": "m1: standby standby failed: no socket"}, {"scale_standby_set": {"serving": 0}}],
+            ({"standby_lent": 0, "standby_serving": 0}, {"standby_s": 2.5}, ["m1: standby standby failed: no socket"]),
+        ),
+        # No proxy host at all: the step is recorded with nothing serving.
+        (PROMOTED, "start", [], ({"standby_lent": 1, "standby_serving": 0}, {"standby_s": 2.5}, [])),
+        # Returned 4 s into the run.
+        (
+            RETURN_AT_4,
+            "finish",
+            [{"scale_standby_returned": {"changed": True}, "scale_standby_returned_at": 1004.0}],
+            ({"standby_returned": 1, "standby_held": 0}, {"standby_return_s": 4.0}, []),
+        ),
+        # Held: the service's own replicas did not come up; the module's message says why, before the hosts' failures.
+        (
+            RETURN_AT_4,
+            "finish",
+            [
+                {"scale_standby_returned": {"changed": False, "held": True, "msg": "2 of 4 up"}},
+                {"scale_standby_return_failure": "m2: standby return failed: x"},
+            ],
+            ({"standby_returned": 0, "standby_held": 1}, {}, ["2 of 4 up", "m2: standby return failed: x"]),
+        ),
+        # Already at standby (a re-run): neither returned nor held.
+        (RETURN_AT_4, "finish", [{"scale_standby_returned": {"changed": False}}], ({"standby_returned": 0, "standby_held": 0}, {}, [])),
+    ],
+)
+def test_what_the_proxies_did_with_the_standby_is_recorded_as_numbers(step, stage, proxies, expected):
+    from ansible_collections.mlfleet.serving.plugins.module_utils._scale_decision import standby_record
+
+    record = standby_record(step, stage, proxies, 1000.0, 1002.5)
+    assert (record["fields"], record["phases"], record["reasons"]) == expected
+    assert all(isinstance(value, (int, float)) and not isinstance(value, bool) for value in {**record["fields"], **record["phases"]}.values())
+
+
+def test_a_standby_record_of_an_unknown_stage_is_refused():
+    from ansible_collections.mlfleet.serving.plugins.module_utils._scale_decision import standby_record
+
+    with pytest.raises(ValueError, match="stage must be start or finish, got 'end'"):
+        standby_record(PROMOTED, "end", [], 0, 0)
