@@ -407,7 +407,10 @@ def audit_fields(plan):
     """The plan's figures for the audit trail's fields, which are numbers: -1 for one the run never reached (a stale
     event, a cooldown)."""
     figures = {"replicas_before": "current_replicas", "replicas_desired": "desired_replicas", "replicas_target": "target_replicas", "capacity": "capacity"}
-    return {field: -1 if plan[key] is None else plan[key] for field, key in figures.items()}
+    fields = {field: -1 if plan[key] is None else plan[key] for field, key in figures.items()}
+    # Where the added VMs came from (warm_vm_plan), when the run planned it.
+    fields.update({field: plan[key] for field, key in (("warm_taken", "warm_take"), ("vms_cloned", "clone_vms")) if key in plan})
+    return fields
 
 
 def state_records(plan):
@@ -635,3 +638,38 @@ def standby_record(step, stage, proxies, started_at, now):
     if first.get("msg"):
         record["reasons"].insert(0, str(first["msg"]))
     return record
+
+
+def warm_vm_plan(plan, pool):
+    """Where the VMs a run adds come from, and the warm VMs its pool keeps after it (``pool``: the service's pool with
+    ``vmids``, its VMs, and ``warm_vmids``, its warm VMs, as the inventory has them).
+
+    A scale-out takes what it can from the warm pool (they serve sooner: configured, and in the ``joined`` form already
+    in the swarm) and clones only the rest. Either way the pool stays within ``max_count``, warm VMs included: a take
+    moves a VM from one to the other, and a clone is only made when no warm VM is left. After the run the warm pool
+    refills to ``warm_vms``, fewer where the pool's active VMs leave no room under ``max_count``.
+
+    Returns ``{warm_take, clone_vms, warm_refill_to, warm_vmids, capacity_from}``; ``warm_refill_to`` -1 when the warm
+    pool needs no change (a run never destroys a warm VM: a lowered ``warm_vms`` is provision.yml's to apply)."""
+    warm_vmids = sorted(int(vmid) for vmid in pool.get("warm_vmids") or [])
+    size = len(pool.get("vmids") or [])
+    new = max(0, plan["grow_to"] - size) if plan["grow_to"] > 0 else 0
+    take = min(new, len(warm_vmids))
+    after = size + new if plan["grow_to"] > 0 else size - len(set(plan["leave_vmids"]) | set(plan["orphan_vmids"]))
+    refill_to = max(0, min(pool.get("warm_vms", 0), pool["max_count"] - after))
+    sources = []
+    if plan["change_replicas"] and plan["direction"] == "scale_out":
+        sources.append("replicas on the current workers")
+    if take:
+        sources.append(f"{take} warm VM{'s' if take != 1 else ''} ({pool.get('warm_form', 'joined')})")
+    if new - take:
+        sources.append(f"{new - take} new clone{'s' if new - take != 1 else ''}")
+    return {
+        "reason": "; ".join(part for part in [plan["reason"], f"capacity from {', '.join(sources)}" if take else ""] if part),
+        "warm_take": take,
+        "clone_vms": new - take,
+        # Refilled by a run that acts; a run that decides nothing leaves the VMs as they are (site.yml refills too).
+        "warm_refill_to": refill_to if plan["decision"] == "act" and refill_to > len(warm_vmids) - take else -1,
+        "warm_vmids": warm_vmids,
+        "capacity_from": ", ".join(sources),
+    }

@@ -27,7 +27,13 @@ DEPRECATION = (
 # Proxmox's tag format (pve-common's PVE::JSONSchema pve-tag), lower case as Proxmox stores it.
 TAG = re.compile(r"^[a-z0-9_][a-z0-9_\-+.]*$")
 NAME = re.compile(r"^[a-z][a-z0-9-]{0,30}$")
-FIELDS = ("name", "tag", "template", "count", "max_count", "cores", "memory", "cpulimit", "ip_range", "name_prefix")
+FIELDS = ("name", "tag", "template", "count", "max_count", "cores", "memory", "cpulimit", "ip_range", "name_prefix", "warm_vms", "warm_form", "warm_tag")
+# How a warm VM waits, from the least it costs to the soonest it serves. stopped: cloned and configured, then shut down
+# (disk only; a take pays the start, the boot, the join and the replica's start). running: configured, not in the swarm
+# (memory; a take pays the join onward). joined: in the swarm, paused, the pool's model files present (memory and a
+# swarm member; a take pays the node update and the replica's start).
+WARM_FORMS = ("stopped", "running", "joined")
+WARM_TAG_SUFFIX = "_warm"
 WHERE = "mlfleet_worker_pools"
 
 
@@ -92,7 +98,33 @@ def _pool(entry, index, template, cluster, legacy=False):
     pool["ip_range"] = ip_range
     suffix = LEGACY_POOL["name_prefix_suffix"] if legacy else name
     pool["name_prefix"] = str(entry.get("name_prefix") or (f"{cluster}-{suffix}" if cluster else suffix))
+    _warm(pool, entry, where)
     return pool
+
+
+def _warm(pool, entry, where):
+    """The pool's warm VMs: how many (``warm_vms``), how they wait (``warm_form``) and the tag they carry (``warm_tag``)."""
+    pool["warm_vms"] = _whole(where, "warm_vms", entry.get("warm_vms", 0), 0)
+    if pool["count"] + pool["warm_vms"] > pool["max_count"]:
+        raise ValueError(
+            f"{where}: count {pool['count']} and warm_vms {pool['warm_vms']} make {pool['count'] + pool['warm_vms']} VMs, above max_count "
+            f"{pool['max_count']}; warm VMs count toward max_count (they are VMs that run or hold disk): raise max_count or lower warm_vms"
+        )
+    form = entry.get("warm_form", "joined")
+    if form not in WARM_FORMS:
+        raise ValueError(f"{where}.warm_form must be one of {', '.join(WARM_FORMS)} (how a warm VM waits), got {form!r}")
+    pool["warm_form"] = form
+    tag = entry.get("warm_tag", pool["tag"] + WARM_TAG_SUFFIX)
+    if not isinstance(tag, str) or not TAG.match(tag) or tag == pool["tag"]:
+        raise ValueError(
+            f"{where}.warm_tag must be a Proxmox tag other than the pool's tag {pool['tag']!r} (such as {pool['tag']}{WARM_TAG_SUFFIX}), got {tag!r}"
+        )
+    pool["warm_tag"] = tag
+
+
+def warm_refill_count(pool, active):
+    """The warm VMs the pool keeps beside ``active`` VMs: ``warm_vms``, fewer when the pool is near ``max_count``."""
+    return max(0, min(pool["warm_vms"], pool["max_count"] - active))
 
 
 def worker_pools(pools, workers=None, template=None, cluster=""):
@@ -113,6 +145,13 @@ def worker_pools(pools, workers=None, template=None, cluster=""):
                 if pool[key] in seen:
                     raise ValueError(f"{WHERE}: pools {seen[pool[key]]} and {pool['name']} share the {key} {pool[key]!r}; give each pool its own")
                 seen[pool[key]] = pool["name"]
+        # A VM's tag says which pool it serves in or waits for: no tag may mean both.
+        tags = {}
+        for pool in checked:
+            for key in ("tag", "warm_tag"):
+                owner = tags.setdefault(pool[key], (pool["name"], key))
+                if owner != (pool["name"], key):
+                    raise ValueError(f"{WHERE}: the {key} {pool[key]!r} of pool {pool['name']} is the {owner[1]} of pool {owner[0]}; give each its own tag")
         return checked, None
     if workers:
         pool = _pool(workers, 0, template, cluster, legacy=True)
@@ -140,13 +179,14 @@ def service_pools(pools, serving):
     return placed
 
 
-def pool_members(pool, members):
-    """The keys (host names or VM ids) of the inventory's workers ``{key: tags}`` that carry the pool's tag."""
+def pool_members(pool, members, tag_key="tag"):
+    """The keys (host names or VM ids) of the inventory's VMs ``{key: tags}`` that carry the pool's tag (``tag_key``
+    ``warm_tag``: its warm VMs)."""
     found = []
     for key, tags in (members or {}).items():
         if isinstance(tags, str):
             tags = [tag for tag in re.split(r"[;,\s]+", tags) if tag]
-        if pool["tag"] in (tags or []):
+        if pool[tag_key] in (tags or []):
             found.append(key)
     return found
 

@@ -87,7 +87,8 @@ options:
     type: str
   name_prefix:
     description:
-      - New members are named C(<name_prefix>-<vmid>). Defaults to O(pool_tag).
+      - New members are named C(<name_prefix>-<vmid>). Defaults to O(pool_tag), with each character a DNS name cannot
+        hold (such as C(_)) replaced by C(-).
     type: str
   nodes:
     description:
@@ -159,9 +160,42 @@ options:
     type: list
     elements: str
     default: []
+  take_from_tag:
+    description:
+      - A warm pool to take missing members from before cloning - the VMs (not templates) that carry this tag, in
+        O(pool) when that is given.
+      - A VM is taken by one write of its tags, with this tag replaced by O(pool_tag) and its other tags kept, so it
+        leaves the warm pool and joins this one in the same step, and a re-run counts it where it is. Running VMs are
+        taken before stopped ones, lower vmids first; a stopped one is started (O(start)) and waited for like a new
+        member. Only the members they do not cover are cloned.
+      - A taken VM keeps its cores, memory, cloud-init settings and address; its static address counts as used for
+        the O(ip_range) of new members.
+    type: str
+  address_peer_tags:
+    description:
+      - Tags of other VMs that take their static addresses from the same O(ip_range), such as the warm pool that
+        fills this pool, or the pool a warm pool fills. Their addresses count as used, so no two VMs get the same one.
+      - The VMs of O(take_from_tag) always count.
+    type: list
+    elements: str
+    default: []
+  shut_down:
+    description:
+      - Shut down every member that runs, gracefully (stopped after O(shutdown_timeout)), once the rest of the run is
+        done - a warm pool kept stopped, which holds disk and no memory. New members are cloned and configured, not
+        started.
+      - Needs O(start=false); excludes O(take_from_tag).
+    type: bool
+    default: false
   start:
     description:
-      - Start new members, and members that are stopped.
+      - Start new members, taken members (O(take_from_tag)) and members that are stopped (see O(start_existing)).
+    type: bool
+    default: true
+  start_existing:
+    description:
+      - With O(start), start members that exist and are stopped too. V(false) starts only the members this run makes,
+        so a warm pool kept stopped (O(shut_down)) starts its new members to be configured and leaves the others off.
     type: bool
     default: true
   wait_for_ip:
@@ -355,6 +389,15 @@ created:
   sample:
     - {vmid: 104, name: swarm-worker-104, node: pve3, address: 192.168.213.53, ip: 192.168.213.53,
        reason: "pve3: most free memory (58.0 GiB of 64.0 GiB)"}
+taken:
+  description:
+    - VMs taken from the warm pool O(take_from_tag) to be members, or in check mode to be taken, with their address.
+    - C(was) is the power state they had in the warm pool.
+  returned: always
+  type: list
+  elements: dict
+  sample:
+    - {vmid: 106, name: swarm-worker-106, node: pve1, address: 192.168.213.55, ip: 192.168.213.55, was: running}
 removed:
   description: Vmids of the members destroyed, or in check mode to be destroyed.
   returned: always
@@ -383,6 +426,7 @@ diff:
   sample: {before: {count: 3, members: [101, 102, 103]}, after: {count: 5, members: [101, 102, 103, 104, 105]}}
 """
 
+import re
 import threading
 import time
 import urllib.parse
@@ -453,6 +497,10 @@ def argument_spec():
         nameserver=dict(type="str"),
         address_nic=dict(type="str", default=DEFAULT_NIC),
         extra_tags=dict(type="list", elements="str", default=[]),
+        take_from_tag=dict(type="str"),
+        shut_down=dict(type="bool", default=False),
+        start_existing=dict(type="bool", default=True),
+        address_peer_tags=dict(type="list", elements="str", default=[]),
         start=dict(type="bool", default=True),
         wait_for_ip=dict(type="bool", default=True),
         ip_timeout=dict(type="int", default=300),
@@ -488,6 +536,10 @@ def check_arguments(params):
         raise PoolError(str(error)) from None
     if params["clone_retries"] < 0 or params["poll_interval"] <= 0:
         raise PoolError("clone_retries must be 0 or more and poll_interval more than 0")
+    if params["shut_down"] and (params["start"] or params["take_from_tag"]):
+        raise PoolError("shut_down keeps the members shut down: set start: false with it, and drop take_from_tag")
+    if params["take_from_tag"] is not None and params["take_from_tag"].lower() == params["pool_tag"].lower():
+        raise PoolError(f"take_from_tag {params['take_from_tag']} is the pool's own tag: name the warm pool's tag, or drop take_from_tag")
     if params["state"] == "present" and (params["count"] is None or not params["template"]):
         raise PoolError("state present needs count (the pool size) and template (what new members are cloned from): set both, or state: absent")
 
@@ -560,9 +612,11 @@ class PoolRun:
         vm["status"] = "running"
         self.note(vm["vmid"], vm["node"], "started")
 
-    def settle(self, vm):
-        """Bring a member to the wanted power state and address; used for new and existing members alike."""
-        if self.params["start"] and vm["status"] == "stopped":
+    def settle(self, vm, existing=False):
+        """Bring a member to the wanted power state and address; used for new and existing members alike (an
+        ``existing`` one is started only with start_existing too)."""
+        start = self.params["start"] and (self.params["start_existing"] or not existing)
+        if start and vm["status"] == "stopped":
             self.start_vm(vm)
         if vm["status"] == "running":
             vm["ip"] = self.guest_ip(vm, wait=self.params["wait_for_ip"])
@@ -645,6 +699,17 @@ class PoolRun:
         except ProxmoxError as error:
             raise PoolError(f"VM {vmid} ({name}) on {node} was created and tagged, but: {error}. A re-run starts and waits for it") from None
 
+    def take(self, vm):
+        """Make a warm VM a member: its tags with take_from_tag replaced by pool_tag, in one write; then settle it."""
+        tags = [tag for tag in vm["tags"] if tag != self.params["take_from_tag"].lower()] + [self.params["pool_tag"]]
+        self.client.put(f"nodes/{vm['node']}/qemu/{vm['vmid']}/config", tags=join_tags(tags))
+        vm["tags"] = split_tags(join_tags(tags))
+        self.note(vm["vmid"], vm["node"], f"taken from {self.params['take_from_tag'].lower()}")
+        try:
+            return self.settle(vm)
+        except ProxmoxError as error:
+            raise PoolError(f"VM {vm['vmid']} ({vm['name']}) on {vm['node']} was taken into the pool, but: {error}. A re-run starts and waits for it") from None
+
     def discard(self, vmid, node):
         try:
             upid = self.client.delete(f"nodes/{node}/qemu/{vmid}", purge=1, **{"destroy-unreferenced-disks": 1})
@@ -652,18 +717,26 @@ class PoolRun:
         except ProxmoxError as error:
             self.module.warn(f"VM {vmid} on {node} is an untagged clone left over from a failed run; destroy it by hand: {error}")
 
+    def shut_down(self, vm):
+        """Shut a running VM down gracefully, or stop it when that fails within shutdown_timeout."""
+        vmid, node, name = int(vm["vmid"]), vm["node"], vm.get("name")
+        path = f"nodes/{node}/qemu/{vmid}"
+        try:
+            upid = self.client.post(f"{path}/status/shutdown", timeout=self.params["shutdown_timeout"], forceStop=0)
+            self.wait(upid, self.params["shutdown_timeout"] + self.params["task_timeout"], f"shutdown of VM {vmid} ({name})")
+            self.note(vmid, node, "shut down")
+        except ProxmoxError as error:
+            self.note(vmid, node, f"shutdown failed ({error}), stopping")
+            self.wait(self.client.post(f"{path}/status/stop"), self.params["task_timeout"], f"stop of VM {vmid} ({name})")
+            self.note(vmid, node, "stopped")
+        vm["status"], vm["ip"] = "stopped", None
+        return vm
+
     def remove(self, vm):
         vmid, node, name = int(vm["vmid"]), vm["node"], vm.get("name")
         path = f"nodes/{node}/qemu/{vmid}"
         if vm["status"] == "running":
-            try:
-                upid = self.client.post(f"{path}/status/shutdown", timeout=self.params["shutdown_timeout"], forceStop=0)
-                self.wait(upid, self.params["shutdown_timeout"] + self.params["task_timeout"], f"shutdown of VM {vmid} ({name})")
-                self.note(vmid, node, "shut down")
-            except ProxmoxError as error:
-                self.note(vmid, node, f"shutdown failed ({error}), stopping")
-                self.wait(self.client.post(f"{path}/status/stop"), self.params["task_timeout"], f"stop of VM {vmid} ({name})")
-                self.note(vmid, node, "stopped")
+            self.shut_down(vm)
         upid = self.client.delete(path, purge=1, **{"destroy-unreferenced-disks": 1})
         self.wait(upid, self.params["task_timeout"], f"destroy of VM {vmid} ({name})")
         self.note(vmid, node, "destroyed")
@@ -708,12 +781,22 @@ class PoolRun:
                 self.module.warn(f"count {params['count']} is below the {kept_count} protected members of pool tag {params['pool_tag']}; they are kept")
             plans = []
         kept = self.in_parallel([(self.member_details, (entry,)) for entry in found if int(entry["vmid"]) not in victims])
+        taken = []
+        if template is not None and params["take_from_tag"]:
+            warm = [entry for entry in resources if is_member(entry, params["take_from_tag"], params["pool"]) and int(entry["vmid"]) not in member_ids]
+            # Running VMs serve sooner than stopped ones.
+            warm.sort(key=lambda entry: (entry.get("status") != "running", int(entry["vmid"])))
+            chosen = warm[: max(0, params["count"] - len(kept))]
+            taken = self.in_parallel([(self.member_details, (entry,)) for entry in chosen])
+            for vm in taken:
+                vm["was"] = vm["status"]
         if template is not None:
-            plans = self.plan_new(template, resources, found, kept, victims)
+            plans = self.plan_new(template, resources, found, kept + taken, victims)
 
-        to_start = [vm for vm in kept if params["start"] and vm["status"] == "stopped"]
-        changed = bool(plans or victims or to_start)
-        after = sorted([vm["vmid"] for vm in kept] + [plan["vmid"] for plan in plans])
+        to_start = [vm for vm in kept if params["start"] and params["start_existing"] and vm["status"] == "stopped"]
+        to_stop = [vm for vm in kept if params["shut_down"] and vm["status"] == "running"]
+        changed = bool(plans or victims or to_start or taken or to_stop)
+        after = sorted([vm["vmid"] for vm in kept + taken] + [plan["vmid"] for plan in plans])
         placement = [{key: plan[key] for key in ("vmid", "name", "node", "reason")} for plan in plans]
         result = {
             "changed": changed,
@@ -723,14 +806,18 @@ class PoolRun:
             "progress": self.progress,
         }
         if self.module.check_mode:
-            for vm in kept:
+            for vm in kept + taken:
                 vm["ip"] = self.guest_ip(vm, wait=False) if vm["status"] == "running" else None
             created = [dict(((key, plan[key]) for key in ("vmid", "name", "node", "address", "reason")), ip=None) for plan in plans]
-            return dict(result, members=[public(vm) for vm in kept], created=created)
+            members = sorted((public(vm) for vm in kept + taken), key=lambda vm: vm["vmid"])
+            return dict(result, members=members, created=created, taken=[taken_entry(vm) for vm in taken])
 
         self.in_parallel([(self.remove, (existing[vmid],)) for vmid in victims])
-        jobs = [(self.settle, (vm,)) for vm in kept] + [(self.create, (template, plan, self.allocator)) for plan in plans]
+        jobs = [(self.settle, (vm, True)) for vm in kept] + [(self.take, (vm,)) for vm in taken]
+        jobs += [(self.create, (template, plan, self.allocator)) for plan in plans]
         settled = self.in_parallel(jobs)
+        if params["shut_down"]:
+            self.in_parallel([(self.shut_down, (vm,)) for vm in settled if vm["status"] == "running"])
         created = [
             {"vmid": vm["vmid"], "name": vm["name"], "node": vm["node"], "address": vm["address"], "ip": vm["ip"], "reason": vm["reason"]}
             for vm in settled
@@ -738,7 +825,8 @@ class PoolRun:
         ]
         result["placement"] = [{key: plan[key] for key in ("vmid", "name", "node", "reason")} for plan in plans]
         result["diff"]["after"]["members"] = sorted(vm["vmid"] for vm in settled)
-        return dict(result, members=sorted((public(vm) for vm in settled), key=lambda vm: vm["vmid"]), created=created)
+        members = sorted((public(vm) for vm in settled), key=lambda vm: vm["vmid"])
+        return dict(result, members=members, created=created, taken=[taken_entry(vm) for vm in settled if "was" in vm])
 
     def check_vmid_lists(self, member_ids, existing):
         params = self.params
@@ -764,6 +852,18 @@ class PoolRun:
         # A storage the token cannot see is left to Proxmox to judge.
         return sorted(name for name in set(names) if name in shared and not shared[name])
 
+    def peer_addresses(self, resources, kept):
+        """The static addresses of the VMs that share the ip_range (address_peer_tags, take_from_tag), members aside."""
+        params = self.params
+        tags = [tag for tag in [*params["address_peer_tags"], params["take_from_tag"]] if tag]
+        known = {vm["vmid"] for vm in kept}
+        peers = [
+            entry
+            for entry in resources
+            if int(entry["vmid"]) not in known and any(is_member(entry, tag, params["pool"]) for tag in tags) and not is_member(entry, params["pool_tag"])
+        ]
+        return [vm["address"] for vm in self.in_parallel([(self.member_details, (entry,)) for entry in peers])]
+
     def plan_new(self, template, resources, found, kept, victims):
         """Names, nodes, vmids and addresses of the members to create; raises before any write if they do not fit."""
         params = self.params
@@ -787,15 +887,20 @@ class PoolRun:
             placed = [(node, f"{reason}; only {node}: {pinned}") for node, reason in placed]
         addresses = [None] * missing
         if params["ip_range"]:
-            addresses = pick_addresses(params["ip_range"], [vm["address"] for vm in kept], missing)
+            addresses = pick_addresses(params["ip_range"], [vm["address"] for vm in kept] + self.peer_addresses(resources, kept), missing)
         self.allocator = IdAllocator(int(self.client.get("cluster/nextid")), [entry["vmid"] for entry in resources])
-        prefix = params["name_prefix"] or params["pool_tag"].lower()
+        # Proxmox takes only a DNS name as a VM's name; a tag may hold _ and +.
+        prefix = params["name_prefix"] or re.sub(r"[^a-z0-9.-]", "-", params["pool_tag"].lower())
         plans = []
         for index, (node, reason) in enumerate(placed):
             address = addresses[index]
             vmid = self.allocator.allocate()
             plans.append({"vmid": vmid, "name": f"{prefix}-{vmid}", "prefix": prefix, "node": node, "address": address, "reason": reason})
         return plans
+
+
+def taken_entry(vm):
+    return {"vmid": vm["vmid"], "name": vm["name"], "node": vm["node"], "address": vm["address"], "ip": vm["ip"], "was": vm["was"]}
 
 
 def public(vm):

@@ -107,6 +107,13 @@ options:
         read after the run took the lease. The members of the scaled service's pool are those that carry its tag."
     type: dict
     required: true
+  warm_members:
+    description:
+      - "The inventory's VMs as C({vmid: tags}), the warm VMs among them: those that carry the C(warm_tag) of the scaled
+        service's pool are its warm pool (see C(warm_vms) in the README's worker pools section), which a scale-out takes
+        new workers from before it clones."
+    type: dict
+    default: {}
 seealso:
   - module: mlfleet.serving.scale_lease
   - module: mlfleet.serving.swarm_scale_plan
@@ -187,11 +194,35 @@ orphan_vmids:
   returned: always
   type: list
   elements: int
+warm_take:
+  description: How many of the VMs the run adds it takes from the warm pool (the rest it clones).
+  returned: always
+  type: int
+clone_vms:
+  description: How many of the VMs the run adds it clones.
+  returned: always
+  type: int
+warm_refill_to:
+  description:
+    - The warm VMs the pool keeps after the run, when the run refills its warm pool; -1 when the warm pool needs no change.
+    - C(warm_vms), fewer where the active VMs leave no room under C(max_count).
+  returned: always
+  type: int
+warm_vmids:
+  description: The warm VMs of the pool before the run.
+  returned: always
+  type: list
+  elements: int
+capacity_from:
+  description: Where the capacity the run adds comes from, in words (replicas on the current workers, warm VMs, clones).
+  returned: always
+  type: str
 pool:
   description:
     - The worker pool of the scaled service, checked and completed - C(name), C(tag), C(template), C(count),
-      C(max_count), C(cores), C(memory), C(cpulimit), C(ip_range), C(name_prefix) - and C(vmids), its VMs in the
-      inventory. A scale-out clones with these.
+      C(max_count), C(cores), C(memory), C(cpulimit), C(ip_range), C(name_prefix), C(warm_vms), C(warm_form),
+      C(warm_tag) - with C(vmids), its VMs in the inventory, C(warm_vmids), its warm VMs, and C(services), the
+      services that run on it. A scale-out clones with these.
   returned: when the request was valid
   type: dict
   sample: {name: workers, tag: swarm_worker, template: debian-golden, count: 2, max_count: 4, cores: 2, memory: 4096,
@@ -256,7 +287,14 @@ quiet_until:
 
 from ansible.module_utils.basic import AnsibleModule, missing_required_lib
 
-from ansible_collections.mlfleet.serving.plugins.module_utils._scale_decision import audit_fields, decide, effective_settings, settle_request, state_records
+from ansible_collections.mlfleet.serving.plugins.module_utils._scale_decision import (
+    audit_fields,
+    decide,
+    effective_settings,
+    settle_request,
+    state_records,
+    warm_vm_plan,
+)
 from ansible_collections.mlfleet.serving.plugins.module_utils._swarm import (
     DOCKER_IMPORT_ERROR,
     DockerEndpoint,
@@ -286,6 +324,7 @@ def argument_spec():
         cluster=dict(type="str", default=""),
         state=dict(type="dict", required=True),
         pool_members=dict(type="dict", required=True),
+        warm_members=dict(type="dict", default={}),
     )
     return spec
 
@@ -299,6 +338,8 @@ def main():
         request = settle_request(params["action"], params["direction"], params["service"], params["event"], list(placed))
         pool = next(pool for pool in pools if pool["name"] == placed[request["service"]])
         pool = dict(pool, vmids=sorted(int(vmid) for vmid in pool_members(pool, params["pool_members"])))
+        pool["warm_vmids"] = sorted(int(vmid) for vmid in pool_members(pool, params["warm_members"], "warm_tag"))
+        pool["services"] = sorted(service for service, name in placed.items() if name == pool["name"])
         bounds = {"name": pool["name"], "min": pool["count"], "max": pool["max_count"], "cores": pool["cores"]}
         settings = effective_settings(params["autoscale"], request["service"], bounds)
     except ValueError as e:
@@ -315,6 +356,7 @@ def main():
     try:
         swarm = {"nodes": nodes, "services": services, "tasks": tasks}
         plan = decide(request, settings, params["state"], swarm, pool["vmids"], pool_tag=pool["tag"])
+        plan.update(warm_vm_plan(plan, pool))
     except ValueError as e:
         module.fail_json(msg=f"Cannot decide {request['action']} of service {request['service']}: {e}")
     module.exit_json(changed=False, records=state_records(plan), audit_fields=audit_fields(plan), pool=pool, **plan)

@@ -16,7 +16,9 @@ description:
     label C(mlfleet.pool)), C(template) (default O(template)), C(count) (the VMs it keeps at least), C(max_count) (the
     most the autoscaler grows it to; default C(count)), C(cores), C(memory) (MiB), C(cpulimit) (host CPUs, optional),
     C(ip_range) (as M(mlfleet.serving.proxmox_vm_pool) takes it; optional), C(name_prefix) (default
-    C(<cluster>-<name>))."
+    C(<cluster>-<name>)), C(warm_vms) (VMs kept warm for a scale-out, default 0; they count toward C(max_count)),
+    C(warm_form) (how they wait: V(stopped), V(running) or V(joined), the default) and C(warm_tag) (the Proxmox tag they
+    carry while they wait, default C(<tag>_warm))."
   - The single-pool variable C(mlfleet_workers) of earlier releases (O(workers)) is read as the pool C(workers) with the
     tag C(swarm_worker) and the VM names C(<cluster>-worker-<vmid>), the same VMs as before; it gives a deprecation
     warning.
@@ -54,7 +56,8 @@ options:
     default: []
   members:
     description:
-      - "The inventory's workers as C({host: tags}) (C(proxmox_tags) of each host of C(swarm_workers))."
+      - "The inventory's VMs as C({host: tags}) (C(proxmox_tags) of each host of C(swarm_workers), and of the warm VMs
+        to see them in the C(warm_members) of RV(pools))."
     type: dict
     default: {}
 notes:
@@ -92,13 +95,17 @@ pools:
   description:
     - Every pool, checked and completed, with C(members) (the inventory's hosts that carry its tag) and
       C(provision_count) (the VMs C(provision.yml) keeps - the current size within C(count) and C(max_count), so a re-run
-      keeps what the autoscaler chose).
+      keeps what the autoscaler chose), C(warm_members) (the hosts that carry its C(warm_tag)) and C(warm_count) (the
+      warm VMs it keeps beside C(provision_count) - C(warm_vms), fewer where C(max_count) leaves no room), and
+      C(services) (the services of O(serving) that run on it).
   returned: success
   type: list
   elements: dict
   sample:
     - {name: cpu, tag: swarm_worker, template: debian-golden, count: 2, max_count: 4, cores: 2, memory: 4096, cpulimit: null,
-       ip_range: null, name_prefix: mlfleet-cpu, members: [mlfleet-cpu-201, mlfleet-cpu-202], provision_count: 2}
+       ip_range: null, name_prefix: mlfleet-cpu, warm_vms: 1, warm_form: joined, warm_tag: swarm_worker_warm,
+       members: [mlfleet-cpu-201, mlfleet-cpu-202], provision_count: 2, warm_members: [mlfleet-cpu-203], warm_count: 1,
+       services: [resnet18]}
 service_pools:
   description: The pool each service runs on, by service name.
   returned: success
@@ -124,6 +131,7 @@ from ansible_collections.mlfleet.serving.plugins.module_utils._worker_pools impo
     pool_members,
     provision_count,
     service_pools,
+    warm_refill_count,
     worker_pools,
 )
 
@@ -153,12 +161,21 @@ def main():
     for pool in pools:
         pool["members"] = sorted(pool_members(pool, params["members"]))
         pool["provision_count"] = provision_count(pool, len(pool["members"]))
+        pool["warm_members"] = sorted(pool_members(pool, params["members"], "warm_tag"))
+        pool["warm_count"] = warm_refill_count(pool, pool["provision_count"])
+        pool["services"] = sorted(service for service, name in placed.items() if name == pool["name"])
         for host in pool["members"]:
             if host in host_tags:
                 module.fail_json(
                     msg=f"{host} carries the tags of two worker pools, {host_tags[host]} and {pool['tag']}: remove one of them from the VM in Proxmox"
                 )
             host_tags[host] = pool["tag"]
+        both = sorted(set(pool["members"]) & set(pool["warm_members"]))
+        if both:
+            module.fail_json(
+                msg=f"{', '.join(both)} carries both the tag {pool['tag']} of pool {pool['name']} and its warm_tag {pool['warm_tag']}: "
+                f"a VM serves or waits, not both; remove {pool['warm_tag']} from the VM in Proxmox if it serves"
+            )
     module.exit_json(
         changed=False,
         pools=pools,

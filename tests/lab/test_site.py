@@ -754,7 +754,7 @@ def test_a_scale_out_killed_after_the_clone_and_a_scale_in_killed_after_the_drai
     assert running_vm_vmids(lab) == vms_before, output[-3000:]
     scale_out = scale_playbook(site, "scale_out", settings, scale_service="resnet18")
     output = kill_when(scale_out, "a new VM running", lambda: running_vm_vmids(lab) - vms_before, 300)
-    assert "Clone, start and address the new worker VMs" in output
+    assert "Take warm VMs, clone the rest, start and address the new worker VMs" in output
     new_vm = (running_vm_vmids(lab) - vms_before).pop()
     assert new_vm not in {n["vmid"] for n in swarm_nodes(manager_container())}
     output = finish(scale_playbook(site, "scale_out", settings, scale_service="resnet18"))
@@ -772,6 +772,80 @@ def test_a_scale_out_killed_after_the_clone_and_a_scale_in_killed_after_the_drai
     assert all(n["availability"] == "active" and n["status"] == "ready" for n in nodes), nodes
     assert len(workers(nodes)) == 2
     assert running_vm_vmids(lab) == {n["vmid"] for n in nodes}
+    wait_for("2 resnet18 tasks up in the proxy", lambda: len(servers_up(site, "resnet18")) == 2, timeout=300)
+
+
+def node_labels(hostname):
+    return json.loads(run(["docker", "exec", manager_container(), "docker", "node", "inspect", hostname, "--format", "{{json .Spec.Labels}}"]).stdout)
+
+
+def node_tasks(hostname):
+    return run(["docker", "exec", manager_container(), "docker", "node", "ps", hostname, "--filter", "desired-state=running", "-q"]).stdout.split()
+
+
+def test_a_warm_vm_is_taken_serves_at_once_and_the_pool_refills_then_goes_with_warm_vms_0(site, autoscaler):
+    """One warm VM of the joined form in the lab's pool (max_count 4), made by provision.yml and configure.yml as site.yml
+    runs them, taken by a scale-out under load, refilled, and removed again when warm_vms goes back to 0."""
+    autoscaler.stop()
+    lab = site["env"]["MLFLEET_LAB_NAME"]
+    pool = yaml.safe_load(site["overrides"].read_text())["mlfleet_worker_pools"][0]
+    # In the inventory, not only as extra vars: the scale playbooks read it.
+    warm_settings = site["overrides"].with_name("zz-warm-vms.yml")
+    warm_settings.write_text(yaml.safe_dump({"mlfleet_worker_pools": [dict(pool, max_count=4, warm_vms=1)]}))
+    settings = {"services": {"resnet18": {"min": 2, "max": 8, "step": 6, "target_per_replica": 0.5, "max_scale_up": 6}},
+                "cooldown": {"scale_out": 0, "scale_in": 0, "scale_in_after_scale_out": 0}, "stabilization": {"scale_in": 0},
+                "lease": {"path": str(site["state"] / "autoscale.lease")}}  # fmt: skip
+    before = {n["vmid"] for n in workers(swarm_nodes(manager_container()))}
+    try:
+        run(["ansible-playbook", "-i", site["inventory"], "playbooks/provision.yml", "playbooks/configure.yml"], env=site["env"], timeout=900)
+        (warm,) = [n for n in swarm_nodes(manager_container()) if n["vmid"] not in before and n["role"] == "worker"]
+        # In the swarm, paused, labelled as the pool's warm VM with the services' model stores, and without a task.
+        assert (warm["status"], warm["availability"]) == ("ready", "pause"), warm
+        labels = node_labels(warm["hostname"])
+        assert labels["mlfleet.pool"] == "swarm_worker_warm" and labels["mlfleet.model-store.resnet18"] == "true", labels
+        assert node_tasks(warm["hostname"]) == []
+
+        endpoint = edge_endpoint(site)
+        body = jpeg_body(4)
+        since = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime())
+        with Load(endpoint, "resnet18", body.data, body.content_type, clients=4, max_requests=20000, max_seconds=900) as load:
+            load.wait_for(lambda answers: len(answers) >= 20, 120, "20 answers before the scale-out")
+            # A backlog of 4 desires 8 replicas at 0.5 each: more than the two workers hold beside the standby replica.
+            event = {"action": "scale_out", "status": "firing", "service": "resnet18", "source": "serving_pressure", "received_at": time.time(),
+                     "values": {"backlog": 4}}  # fmt: skip
+            stepped = time.monotonic()
+            output = finish(scale_playbook(site, "scale_out", settings, ansible_eda={"event": event}))
+            (decision,) = [e for e in audit_events(site["state"], kind="scale", service="resnet18", action="scale_out") if e["time"] >= since]
+            fields = decision["fields"]
+            assert decision["decision"] == "acted" and (fields["warm_taken"], fields["vms_cloned"], fields["warm_refilled"]) == (1, 0, 1), output[-3000:]
+            answers = load.wait_for(
+                lambda answers: any(a.status == 200 and a.node == warm["hostname"] for a in answers), 300, f"an answer from {warm['hostname']}"
+            )
+            served_after = min(a.started + a.seconds for a in answers if a.status == 200 and a.node == warm["hostname"]) - stepped
+        print(f"\nscale-out taking the warm VM {warm['hostname']} (4 clients): {load.summary()}; its first answer {served_after:.1f} s after the event")
+        assert load.failures() == [], load.summary()
+        assert "capacity from 1 warm VM (joined)" in decision["reason"], decision["reason"]
+        nodes = swarm_nodes(manager_container())
+        taken = next(n for n in nodes if n["vmid"] == warm["vmid"])
+        assert taken["availability"] == "active" and node_labels(taken["hostname"])["mlfleet.pool"] == "swarm_worker"
+        # The refill: a new warm VM, paused, beside the three workers; four VMs of the pool at most.
+        (refilled,) = [n for n in nodes if n["vmid"] not in before | {warm["vmid"]} and n["role"] == "worker"]
+        assert refilled["availability"] == "pause" and node_tasks(refilled["hostname"]) == []
+        assert len(running_vm_vmids(lab) - {n["vmid"] for n in nodes if n["role"] == "manager"}) == 4
+
+        back = {"action": "scale_in", "status": "firing", "service": "resnet18", "source": "serving_pressure", "received_at": time.time(), "values": {}}
+        finish(scale_playbook(site, "scale_in", settings, ansible_eda={"event": back}))
+        nodes = swarm_nodes(manager_container())
+        assert len([n for n in workers(nodes) if n["availability"] == "active"]) == 2, nodes
+        # The warm pool is full: the scale-in destroyed the worker it took out, and the refilled warm VM waits on.
+        assert next(n for n in nodes if n["vmid"] == refilled["vmid"])["availability"] == "pause", nodes
+    finally:
+        # warm_vms back to 0: the warm VM leaves the swarm before its VM is destroyed.
+        warm_settings.write_text(yaml.safe_dump({"mlfleet_worker_pools": [pool]}))
+        run(["ansible-playbook", "-i", site["inventory"], "playbooks/provision.yml"], env=site["env"], timeout=900)
+        warm_settings.unlink()
+    nodes = swarm_nodes(manager_container())
+    assert running_vm_vmids(lab) == {n["vmid"] for n in nodes} and all(n["status"] == "ready" for n in nodes), nodes
     wait_for("2 resnet18 tasks up in the proxy", lambda: len(servers_up(site, "resnet18")) == 2, timeout=300)
 
 

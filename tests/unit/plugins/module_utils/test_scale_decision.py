@@ -706,3 +706,48 @@ def test_a_standby_record_of_an_unknown_stage_is_refused():
 
     with pytest.raises(ValueError, match="stage must be start or finish, got 'end'"):
         standby_record(PROMOTED, "end", [], 0, 0)
+
+
+WARM_POOL = {"name": "cpu", "tag": "swarm_worker", "count": 2, "max_count": 5, "warm_vms": 2, "warm_form": "joined", "warm_tag": "swarm_worker_warm"}
+
+
+def vm_plan(direction="scale_out", decision="act", grow_to=-1, change_replicas=False, leave=(), orphans=()):
+    return {
+        "direction": direction,
+        "decision": decision,
+        "grow_to": grow_to,
+        "change_replicas": change_replicas,
+        "leave_vmids": list(leave),
+        "orphan_vmids": list(orphans),
+        "reason": "demand 9",
+    }
+
+
+@pytest.mark.parametrize(
+    ("plan", "vmids", "warm", "expected"),
+    [
+        # Replicas on the current workers only: nothing taken, the warm pool is full.
+        (vm_plan(change_replicas=True), [1, 2], [7, 8], (0, 0, -1, "")),
+        # One VM more: taken from the warm pool; with 3 active and max_count 5, it refills to 2.
+        (vm_plan(grow_to=3), [1, 2], [7, 8], (1, 0, 2, "capacity from 1 warm VM (joined)")),
+        # Two more: both warm VMs; 4 active leave room for 1 warm VM.
+        (vm_plan(grow_to=4, change_replicas=True), [1, 2], [7, 8], (2, 0, 1, "capacity from replicas on the current workers, 2 warm VMs (joined)")),
+        # Three more: two warm, one clone; 5 active leave no room for a warm VM.
+        (vm_plan(grow_to=5), [1, 2], [7, 8], (2, 1, -1, "capacity from 2 warm VMs (joined), 1 new clone")),
+        # No warm VM (a site without warm_vms, or one taken by a run killed before its refill): clones; refilled after.
+        (vm_plan(grow_to=3), [1, 2], [], (0, 1, 2, "")),
+        # A scale-in that destroys one VM makes room: the warm pool refills from 1 to 2.
+        (vm_plan("scale_in", grow_to=-1, leave=[3]), [1, 2, 3, 4], [7], (0, 0, 2, "")),
+        # A decision not to act refills nothing, whatever the pool lacks.
+        (vm_plan(decision="none"), [1, 2], [], (0, 0, -1, "")),
+        # More warm VMs than warm_vms (a lowered setting): never destroyed here.
+        (vm_plan(grow_to=3), [1, 2], [6, 7, 8, 9], (1, 0, -1, "capacity from 1 warm VM (joined)")),
+    ],
+)
+def test_a_scale_out_takes_warm_vms_before_it_clones_and_the_pool_refills_within_max_count(plan, vmids, warm, expected):
+    from ansible_collections.mlfleet.serving.plugins.module_utils._scale_decision import warm_vm_plan
+
+    result = warm_vm_plan(plan, dict(WARM_POOL, vmids=vmids, warm_vmids=warm))
+    assert (result["warm_take"], result["clone_vms"], result["warm_refill_to"]) == expected[:3]
+    assert result["reason"] == "; ".join(part for part in ["demand 9", expected[3]] if part)
+    assert result["warm_vmids"] == sorted(warm)

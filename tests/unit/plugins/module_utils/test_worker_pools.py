@@ -10,6 +10,7 @@ from ansible_collections.mlfleet.serving.plugins.module_utils._worker_pools impo
     pool_members,
     provision_count,
     service_pools,
+    warm_refill_count,
     worker_pools,
 )
 
@@ -32,6 +33,9 @@ def test_a_pool_is_completed_with_the_template_and_the_vm_names():
             "cpulimit": None,
             "ip_range": None,
             "name_prefix": "mlfleet-cpu",
+            "warm_vms": 0,
+            "warm_form": "joined",
+            "warm_tag": "swarm_worker_warm",
         },
         {
             "name": "gpu",
@@ -44,6 +48,9 @@ def test_a_pool_is_completed_with_the_template_and_the_vm_names():
             "cpulimit": None,
             "ip_range": None,
             "name_prefix": "mlfleet-gpu",
+            "warm_vms": 0,
+            "warm_form": "joined",
+            "warm_tag": "gpu_worker_warm",
         },
     ]
 
@@ -90,6 +97,18 @@ def test_the_deprecated_mlfleet_workers_is_the_pool_workers_with_the_same_tag_an
         ([CPU, dict(GPU, name="cpu")], None, "mlfleet_worker_pools: pools cpu and cpu share the name 'cpu'; give each pool its own"),
         ([CPU, dict(GPU, tag="swarm_worker")], None, "mlfleet_worker_pools: pools cpu and gpu share the tag 'swarm_worker'; give each pool its own"),
         (None, {"count": 2, "cores": 2}, "mlfleet_workers needs memory"),
+        # Warm VMs are VMs someone pays for: they count toward max_count.
+        ([dict(CPU, warm_vms=3)], None, "pool cpu: count 2 and warm_vms 3 make 5 VMs, above max_count 4; warm VMs count toward max_count"),
+        ([dict(CPU, warm_vms=-1)], None, "pool cpu.warm_vms must be a whole number of 0 or more, got -1"),
+        (
+            [dict(CPU, warm_vms=1, warm_form="hibernated")],
+            None,
+            "pool cpu.warm_form must be one of stopped, running, joined (how a warm VM waits), got 'hibernated'",
+        ),
+        ([dict(CPU, warm_tag="swarm_worker")], None, "pool cpu.warm_tag must be a Proxmox tag other than the pool's tag 'swarm_worker'"),
+        ([dict(CPU, warm_tag="Warm Pool")], None, "pool cpu.warm_tag must be a Proxmox tag other than the pool's tag"),
+        ([CPU, dict(GPU, warm_tag="swarm_worker")], None, "the warm_tag 'swarm_worker' of pool gpu is the tag of pool cpu; give each its own tag"),
+        ([CPU, dict(GPU, warm_tag="swarm_worker_warm")], None, "the warm_tag 'swarm_worker_warm' of pool gpu is the warm_tag of pool cpu"),
     ],
 )
 def test_bad_pools_are_named_with_the_fix(pools, workers, message):
@@ -145,3 +164,26 @@ def test_members_are_the_workers_that_carry_the_pools_tag():
 def test_provision_keeps_the_size_the_autoscaler_chose_within_the_bounds(current, expected):
     pools = worker_pools([CPU], template=9000)[0]
     assert provision_count(pools[0], current) == expected
+
+
+def test_warm_settings_are_read_as_the_inventory_gives_them():
+    pools = worker_pools([dict(CPU, warm_vms="2", warm_form="stopped", warm_tag="cpu_standby")], template="t")[0]
+    assert {key: pools[0][key] for key in ("warm_vms", "warm_form", "warm_tag")} == {"warm_vms": 2, "warm_form": "stopped", "warm_tag": "cpu_standby"}
+
+
+@pytest.mark.parametrize(
+    ("warm_vms", "active", "expected"),
+    [
+        # Room under max_count 4: the whole warm pool.
+        (2, 2, 2),
+        # Two warm VMs were taken (4 active): none is refilled until a scale-in makes room.
+        (2, 3, 1),
+        (2, 4, 0),
+        (0, 2, 0),
+        # More active VMs than max_count (a lowered max_count): never a negative count.
+        (1, 6, 0),
+    ],
+)
+def test_the_warm_pool_refills_within_max_count(warm_vms, active, expected):
+    pool = worker_pools([dict(CPU, warm_vms=warm_vms)], template="t")[0][0]
+    assert warm_refill_count(pool, active) == expected

@@ -241,6 +241,7 @@ def test_address_range_exhaustion_fails_before_any_write(sim, module):
         ({"count": 1, "nodes": ["pve9"]}, r"nodes pve9 not in the cluster"),
         ({"state": "present", "count": 1, "template": None}, r"state present needs count \(the pool size\) and template"),
         ({"count": 1, "cpulimit": 200}, r"cpulimit must be from 0 \(no limit\) to 128 CPUs, as Proxmox accepts, not 200"),
+        ({"count": 1, "take_from_tag": "Worker"}, r"take_from_tag Worker is the pool's own tag: name the warm pool's tag, or drop take_from_tag"),
     ],
 )
 def test_bad_arguments_name_the_object_and_the_fix(sim, module, args, message):
@@ -305,3 +306,75 @@ def test_non_shared_storage_with_nodes_leaving_out_the_templates_node_fails_befo
     assert "clones to local-lvm (not shared storage) cannot leave the template's node pve1" in result["msg"]
     assert "choose a shared storage or allow node pve1" in result["msg"]
     assert writes(sim) == []
+
+
+RANGE = {"start": "192.168.213.50", "end": "192.168.213.59", "prefix": 24, "gateway": "192.168.213.1"}
+
+
+def test_a_warm_pool_fills_the_pool_first_and_shares_its_address_range(sim, module):
+    # Two warm VMs, one of them stopped, from the same range as the pool they fill.
+    warm = module(pool_tag="worker_warm", count=2, ip_range=RANGE, extra_tags=["mlfleet"], address_peer_tags=["worker"])
+    assert warm["rc"] == 0, warm["msg"]
+    warm_vmids = members(warm)
+    # A tag may hold _, a VM name may not: the default name prefix is the tag made a DNS name.
+    assert [vm["name"] for vm in warm["members"]] == [f"worker-warm-{vmid}" for vmid in warm_vmids]
+    stopped = warm["members"][1]
+    admin(sim, "DELETE", "requests")
+    api_post = requests.post(
+        f"{sim['url']}/api2/json/nodes/{stopped['node']}/qemu/{stopped['vmid']}/status/stop",
+        headers={"Authorization": f"PVEAPIToken=root@pam!admin={ROOT_TOKEN}"},
+        verify=sim["ca"],
+        timeout=10,
+    )
+    api_post.raise_for_status()
+    time.sleep(0.2)
+
+    # The pool has none and wants three: check mode says which two it takes (the running one first) and clones one.
+    planned = module(count=3, ip_range=RANGE, take_from_tag="worker_warm", extra_tags=["mlfleet"], check_mode=True)
+    assert planned["rc"] == 0, planned["msg"]
+    assert [(vm["vmid"], vm["was"]) for vm in planned["taken"]] == [(warm_vmids[0], "running"), (warm_vmids[1], "stopped")]
+    assert len(planned["created"]) == 1
+    assert [entry for entry in writes(sim) if "/status/stop" not in entry["path"]] == []
+
+    grown = module(count=3, ip_range=RANGE, take_from_tag="worker_warm", extra_tags=["mlfleet"])
+    assert grown["rc"] == 0, grown["msg"]
+    assert sorted(vm["vmid"] for vm in grown["taken"]) == warm_vmids and len(grown["created"]) == 1
+    vms = cluster_vms(sim)
+    # Taken in one write of the tags: the warm tag gone, the pool's tag and the others kept; the stopped one started.
+    for vmid in warm_vmids:
+        assert vms[vmid]["tags"] == "mlfleet;worker" and vms[vmid]["status"] == "running"
+    # The clone took the next free address of the shared range, not one a taken VM holds.
+    addresses = [vm["address"] for vm in grown["taken"]] + [grown["created"][0]["address"]]
+    assert len(set(addresses)) == 3 and grown["created"][0]["address"] == "192.168.213.52"
+    tag_writes = [entry for entry in writes(sim) if entry["method"] == "PUT" and entry["path"].endswith(tuple(f"/qemu/{vmid}/config" for vmid in warm_vmids))]
+    assert len(tag_writes) == 2
+
+    # The warm pool is empty now; refilled, its new VM avoids the pool's addresses (address_peer_tags).
+    refill = module(pool_tag="worker_warm", count=1, ip_range=RANGE, extra_tags=["mlfleet"], address_peer_tags=["worker"])
+    assert refill["rc"] == 0 and refill["created"][0]["address"] == "192.168.213.53"
+
+    # Converged: a re-run takes nothing and writes nothing.
+    admin(sim, "DELETE", "requests")
+    again = module(count=3, ip_range=RANGE, take_from_tag="worker_warm", extra_tags=["mlfleet"])
+    assert again["rc"] == 0 and not again["changed"] and again["taken"] == [] and writes(sim) == []
+
+
+def test_a_warm_pool_kept_stopped_starts_only_its_new_members_and_shuts_them_down_after(sim, module):
+    first = module(pool_tag="worker_warm", count=1, start_existing=False)
+    assert first["rc"] == 0 and first["members"][0]["status"] == "running", first.get("msg")
+    # Configured while it runs (the playbook's part), then shut down; a second run finds nothing to do.
+    down = module(pool_tag="worker_warm", count=1, start=False, shut_down=True)
+    assert down["rc"] == 0 and down["changed"] and down["members"][0]["status"] == "stopped"
+    assert "shut down" in [entry["stage"] for entry in down["progress"]]
+    admin(sim, "DELETE", "requests")
+    assert not module(pool_tag="worker_warm", count=1, start=False, shut_down=True)["changed"]
+    # The refill of one more: the new member starts, the stopped one stays off.
+    grown = module(pool_tag="worker_warm", count=2, start_existing=False)
+    assert grown["rc"] == 0, grown.get("msg")
+    status = {vm["vmid"]: vm["status"] for vm in grown["members"]}
+    assert status[members(first)[0]] == "stopped" and status[grown["created"][0]["vmid"]] == "running"
+    assert not [entry for entry in writes(sim) if entry["path"].endswith(f"/qemu/{members(first)[0]}/status/start")]
+    # The take starts a stopped warm VM and waits for its address.
+    taken = module(count=1, take_from_tag="worker_warm")
+    assert taken["rc"] == 0 and taken["taken"][0]["ip"], taken.get("msg")
+    assert module(pool_tag="worker_warm", count=1, start=True, shut_down=True)["msg"].startswith("shut_down keeps the members shut down: set start: false")

@@ -92,9 +92,27 @@ def test_the_plan_names_the_pool_a_scale_out_clones_with(lab, capsys):
         "cpulimit": None,
         "ip_range": None,
         "name_prefix": "mlfleet-cpu",
+        "warm_vms": 0,
+        "warm_form": "joined",
+        "warm_tag": "swarm_worker_warm",
         "vmids": [121, 122, 123],
+        "warm_vmids": [],
+        "services": ["densenet161", "resnet18"],
     }
     assert result["grow_to"] == 4, result["reason"]
+    assert (result["warm_take"], result["clone_vms"], result["audit_fields"]["vms_cloned"]) == (0, 1, 1)
+
+
+def test_a_scale_out_takes_the_pools_warm_vm_and_says_so(lab, capsys):
+    event = {"source": "serving_pressure", "service": "resnet18", "received_at": time.time(), "values": {"backlog": 20}}
+    pools = [dict(POOLS[0], warm_vms=1)]
+    # Another pool's warm VM, or a VM of this pool, is no warm VM of this pool.
+    warm = dict(MEMBERS, **{"131": ["swarm_worker_warm", "mlfleet"], "141": ["gpu_worker_warm"]})
+    result = decide(capsys, lab, event=event, worker_pools=pools, warm_members=warm)
+    assert result["rc"] == 0, result.get("msg")
+    assert (result["grow_to"], result["warm_vmids"], result["warm_take"], result["clone_vms"], result["warm_refill_to"]) == (4, [131], 1, 0, 1)
+    assert (result["audit_fields"]["warm_taken"], result["audit_fields"]["vms_cloned"]) == (1, 0)
+    assert result["reason"].endswith("capacity from 1 warm VM (joined)")
 
 
 def test_a_service_on_another_pool_sees_neither_its_workers_nor_its_vms(lab, capsys):

@@ -55,3 +55,19 @@ def test_bad_pools_fail_with_the_fix(capsys):
     result = run_module(capsys, worker_pools_info, pools=[dict(CPU, max_count=1)], template=9000)
     assert result["failed"]
     assert result["msg"] == "mlfleet_worker_pools pool cpu: max_count 1 is below count 2; raise max_count"
+
+
+def test_warm_vms_are_seen_apart_from_the_members_and_kept_within_max_count(capsys):
+    members = dict(MEMBERS, w4=["swarm_worker_warm"], w5=["mlfleet", "swarm_worker_warm"])
+    result = run_module(capsys, worker_pools_info, pools=[dict(CPU, warm_vms=1)], template=9000, members=members)
+    assert result["rc"] == 0, result.get("msg")
+    pool = result["pools"][0]
+    # Three serve and max_count is 4: one warm VM is kept of the two that wait (the module reports, provision.yml acts).
+    assert (pool["members"], pool["warm_members"], pool["provision_count"], pool["warm_count"]) == (["w1", "w2", "w3"], ["w4", "w5"], 3, 1)
+    assert "w4" not in result["host_pool_tags"]
+
+
+def test_a_vm_that_serves_and_waits_fails_naming_it(capsys):
+    result = run_module(capsys, worker_pools_info, pools=[dict(CPU, warm_vms=1)], template=9000, members={"w1": ["swarm_worker", "swarm_worker_warm"]})
+    assert result["failed"]
+    assert result["msg"].startswith("w1 carries both the tag swarm_worker of pool cpu and its warm_tag swarm_worker_warm")
