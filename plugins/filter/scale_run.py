@@ -20,7 +20,9 @@ def scale_vms_to_destroy(plan, left_vmids):
     return vms_to_destroy(_plan(plan, "scale_vms_to_destroy"), left_vmids or [])
 
 
-def scale_outcome(plan, decision, reason, fields, failures=None, created=None, destroyed=None, joined=None, replicas_after_join=None):
+def scale_outcome(
+    plan, decision, reason, fields, failures=None, created=None, destroyed=None, joined=None, replicas_after_join=None, returned=None, warmed=None
+):
     """How a scale run ended: its decision, reasons and fields for the audit trail."""
     if not hasattr(fields, "get"):
         raise AnsibleFilterError("scale_outcome: fields must be the run's audit fields (a dict)")
@@ -34,6 +36,8 @@ def scale_outcome(plan, decision, reason, fields, failures=None, created=None, d
         destroyed=destroyed,
         joined=list(joined or []),
         replicas_after_join=replicas_after_join,
+        returned=list(returned or []),
+        warmed=list(warmed or []),
     )
 
 

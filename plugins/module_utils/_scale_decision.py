@@ -410,6 +410,8 @@ def audit_fields(plan):
     fields = {field: -1 if plan[key] is None else plan[key] for field, key in figures.items()}
     # Where the added VMs came from (warm_vm_plan), when the run planned it.
     fields.update({field: plan[key] for field, key in (("warm_taken", "warm_take"), ("vms_cloned", "clone_vms")) if key in plan})
+    if "warm_return_vmids" in plan:
+        fields["warm_returned"] = len(plan["warm_return_vmids"])
     return fields
 
 
@@ -507,30 +509,36 @@ def plan_pool_vmids(plan):
 
 def vms_to_destroy(plan, left_vmids):
     """The VMs the run destroys once its workers left: those that left the swarm and the pool VMs that never joined
-    (``orphan_vmids``), only those still in the pool.
+    (``orphan_vmids``), only those still in the pool, less those the warm pool takes back (``return_vmids``: planned
+    in ``warm_return_vmids`` and gone from the swarm).
 
     A VM counted as removed that was already gone would make mlfleet.serving.proxmox_vm_pool take another, running one
     to reach the count, so the count kept is the pool's VMs as the decision saw them less these. A run that removes VMs
     clones none, so that pool is current. A plan without a pool (the decision itself failed) destroys nothing.
     """
     pool = plan_pool_vmids(plan)
-    removed = sorted(({int(vmid) for vmid in left_vmids} | {int(vmid) for vmid in plan.get("orphan_vmids") or []}) & set(pool))
-    return {"remove_vmids": removed, "keep": len(pool) - len(removed)}
+    gone = ({int(vmid) for vmid in left_vmids} | {int(vmid) for vmid in plan.get("orphan_vmids") or []}) & set(pool)
+    # Those the warm pool takes back are kept, to be retagged by the refill.
+    returned = [int(vmid) for vmid in plan.get("warm_return_vmids") or [] if int(vmid) in gone]
+    removed = sorted(gone - set(returned))
+    return {"remove_vmids": removed, "keep": len(pool) - len(removed), "return_vmids": returned}
 
 
-def run_outcome(plan, decision, reason, fields, failures=(), created=(), destroyed=None, joined=(), replicas_after_join=None):
+def run_outcome(plan, decision, reason, fields, failures=(), created=(), destroyed=None, joined=(), replicas_after_join=None, returned=(), warmed=()):
     """How the run ended, for the audit trail: its decision (``failed`` when any worker failed, ``acted`` when the
-    replicas or the pool changed), the reasons joined, and the fields with the replicas and workers after it.
+    replicas, the pool or its warm VMs changed), the reasons joined, and the fields with the replicas and workers after
+    it.
 
     ``destroyed`` and ``replicas_after_join`` are the results of the finish's destroy and of the replica change after
-    the join, as the tasks registered them (skipped or absent: the run did not reach them).
+    the join, as the tasks registered them (skipped or absent: the run did not reach them); ``returned``, the VMs the
+    warm pool took back (no workers any more); ``warmed``, the warm VMs the run made ready.
     """
     destroyed = destroyed if destroyed and not destroyed.get("skipped") else None
     removed = list(destroyed.get("removed") or []) if destroyed else []
     replicas_after, replicas_changed = replicas_after_run(fields, replicas_after_join)
     if decision == "failed" or failures:
         outcome = "failed"
-    elif decision == "acted" or removed or replicas_changed:
+    elif decision == "acted" or removed or replicas_changed or warmed:
         outcome = "acted"
     else:
         outcome = "not_acted"
@@ -539,7 +547,9 @@ def run_outcome(plan, decision, reason, fields, failures=(), created=(), destroy
         reasons.append("removed VMs " + ", ".join(str(vmid) for vmid in removed))
     if joined:
         reasons.append("joined " + ", ".join(joined))
-    workers_after = len(plan_pool_vmids(plan)) + len(created) - len(removed)
+    if warmed:
+        reasons.append("made warm VMs ready: " + ", ".join(warmed))
+    workers_after = len(plan_pool_vmids(plan)) + len(created) - len(removed) - len(returned)
     return {
         "decision": outcome,
         "reason": "; ".join(part for part in reasons if part),
@@ -640,23 +650,40 @@ def standby_record(step, stage, proxies, started_at, now):
     return record
 
 
-def warm_vm_plan(plan, pool):
+def warm_vm_plan(plan, pool, nodes=()):
     """Where the VMs a run adds come from, and the warm VMs its pool keeps after it (``pool``: the service's pool with
     ``vmids``, its VMs, and ``warm_vmids``, its warm VMs, as the inventory has them).
 
     A scale-out takes what it can from the warm pool (they serve sooner: configured, and in the ``joined`` form already
     in the swarm) and clones only the rest. Either way the pool stays within ``max_count``, warm VMs included: a take
     moves a VM from one to the other, and a clone is only made when no warm VM is left. After the run the warm pool
-    refills to ``warm_vms``, fewer where the pool's active VMs leave no room under ``max_count``.
+    refills to ``warm_vms``, fewer where the pool's active VMs leave no room under ``max_count``. A scale-in refills it
+    first with the VMs it takes out (``warm_return_vmids``: drained, configured, images present), which it then keeps
+    rather than destroys; only the rest are cloned.
 
-    Returns ``{warm_take, clone_vms, warm_refill_to, warm_vmids, capacity_from}``; ``warm_refill_to`` -1 when the warm
-    pool needs no change (a run never destroys a warm VM: a lowered ``warm_vms`` is provision.yml's to apply)."""
+    A run killed while it made a warm VM of the ``joined`` form ready leaves one that is no node of the swarm (``nodes``:
+    the swarm's nodes as ``_scale_plan.normalise`` makes them); the next run that gets past its cooldown makes it ready
+    (``warm_unready_vmids``), and acts for that alone if it has nothing else to do.
+
+    Returns ``{warm_take, clone_vms, warm_refill_to, warm_return_vmids, warm_unready_vmids, warm_vmids,
+    capacity_from}``; ``warm_refill_to`` -1 when the warm pool needs no change (a run never destroys a warm VM: a
+    lowered ``warm_vms`` is provision.yml's to apply)."""
     warm_vmids = sorted(int(vmid) for vmid in pool.get("warm_vmids") or [])
     size = len(pool.get("vmids") or [])
     new = max(0, plan["grow_to"] - size) if plan["grow_to"] > 0 else 0
     take = min(new, len(warm_vmids))
-    after = size + new if plan["grow_to"] > 0 else size - len(set(plan["leave_vmids"]) | set(plan["orphan_vmids"]))
+    going = [*plan["leave_vmids"], *(vmid for vmid in plan["orphan_vmids"] if vmid not in plan["leave_vmids"])]
+    after = size + new if plan["grow_to"] > 0 else size - len(going)
     refill_to = max(0, min(pool.get("warm_vms", 0), pool["max_count"] - after))
+    # Not in the swarm at all: a node that is down is a VM that failed, not one a run left half-made, and waiting for
+    # it would hold the lease for the connection timeout. Not while the run takes warm VMs either: which it takes is
+    # the take's choice, and a taken one joins as any worker.
+    in_swarm = {n["vmid"] for n in nodes}
+    decided = plan["current_replicas"] is not None
+    unready = [vmid for vmid in warm_vmids if vmid not in in_swarm] if pool.get("warm_form") == "joined" and decided and not take else []
+    decision = "act" if unready else plan["decision"]
+    refills = decision == "act" and refill_to > len(warm_vmids) - take
+    returning = going[: max(0, refill_to - len(warm_vmids))] if refills and not new else []
     sources = []
     if plan["change_replicas"] and plan["direction"] == "scale_out":
         sources.append("replicas on the current workers")
@@ -664,12 +691,25 @@ def warm_vm_plan(plan, pool):
         sources.append(f"{take} warm VM{'s' if take != 1 else ''} ({pool.get('warm_form', 'joined')})")
     if new - take:
         sources.append(f"{new - take} new clone{'s' if new - take != 1 else ''}")
+    notes = [f"capacity from {', '.join(sources)}" if take else ""]
+    if unready:
+        notes.append(
+            f"warm VM{'s' if len(unready) != 1 else ''} {', '.join(map(str, unready))} not ready in the swarm (a run killed while it made "
+            f"{'them' if len(unready) != 1 else 'it'} ready): made ready"
+        )
+    if returning:
+        lacking = refill_to - len(warm_vmids)
+        notes.append(f"VM{'s' if len(returning) != 1 else ''} {', '.join(map(str, returning))} back to the warm pool, which lacks {lacking}")
     return {
-        "reason": "; ".join(part for part in [plan["reason"], f"capacity from {', '.join(sources)}" if take else ""] if part),
+        "decision": decision,
+        "reason": "; ".join(part for part in [plan["reason"], *notes] if part),
         "warm_take": take,
         "clone_vms": new - take,
-        # Refilled by a run that acts; a run that decides nothing leaves the VMs as they are (site.yml refills too).
-        "warm_refill_to": refill_to if plan["decision"] == "act" and refill_to > len(warm_vmids) - take else -1,
+        # Refilled by a run that acts; a run that decides nothing leaves the VMs as they are (site.yml refills too). A
+        # run that only makes warm VMs ready keeps their count.
+        "warm_refill_to": refill_to if refills else len(warm_vmids) if unready else -1,
+        "warm_return_vmids": returning,
+        "warm_unready_vmids": unready,
         "warm_vmids": warm_vmids,
         "capacity_from": ", ".join(sources),
     }

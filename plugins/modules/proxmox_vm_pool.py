@@ -171,6 +171,15 @@ options:
       - A taken VM keeps its cores, memory, cloud-init settings and address; its static address counts as used for
         the O(ip_range) of new members.
     type: str
+  take_vmids:
+    description:
+      - Take only these VMs of O(take_from_tag), no others - such as the drained workers a scale-in returns to its
+        warm pool while that pool is short. Members the listed VMs do not cover are cloned.
+      - A listed VM that is a member already counts as one, so a re-run converges; one that exists but carries
+        neither O(pool_tag) nor O(take_from_tag) is an error naming it.
+      - Needs O(take_from_tag).
+    type: list
+    elements: int
   address_peer_tags:
     description:
       - Tags of other VMs that take their static addresses from the same O(ip_range), such as the warm pool that
@@ -340,6 +349,15 @@ EXAMPLES = r"""
         remove_vmids: [107, 108]
         protected: [101]
 
+    - name: Return a drained worker to the warm pool that is short of one, rather than destroy it
+      mlfleet.serving.proxmox_vm_pool:
+        pool_tag: swarm-worker-warm
+        pool: mlfleet
+        count: 2
+        template: debian12-golden
+        take_from_tag: swarm-worker
+        take_vmids: [108]
+
     - name: Remove the whole test pool
       mlfleet.serving.proxmox_vm_pool:
         pool_tag: loadtest
@@ -498,6 +516,7 @@ def argument_spec():
         address_nic=dict(type="str", default=DEFAULT_NIC),
         extra_tags=dict(type="list", elements="str", default=[]),
         take_from_tag=dict(type="str"),
+        take_vmids=dict(type="list", elements="int"),
         shut_down=dict(type="bool", default=False),
         start_existing=dict(type="bool", default=True),
         address_peer_tags=dict(type="list", elements="str", default=[]),
@@ -538,6 +557,8 @@ def check_arguments(params):
         raise PoolError("clone_retries must be 0 or more and poll_interval more than 0")
     if params["shut_down"] and (params["start"] or params["take_from_tag"]):
         raise PoolError("shut_down keeps the members shut down: set start: false with it, and drop take_from_tag")
+    if params["take_vmids"] is not None and not params["take_from_tag"]:
+        raise PoolError("take_vmids names VMs of the warm pool to take: set take_from_tag to that pool's tag, or drop take_vmids")
     if params["take_from_tag"] is not None and params["take_from_tag"].lower() == params["pool_tag"].lower():
         raise PoolError(f"take_from_tag {params['take_from_tag']} is the pool's own tag: name the warm pool's tag, or drop take_from_tag")
     if params["state"] == "present" and (params["count"] is None or not params["template"]):
@@ -784,6 +805,8 @@ class PoolRun:
         taken = []
         if template is not None and params["take_from_tag"]:
             warm = [entry for entry in resources if is_member(entry, params["take_from_tag"], params["pool"]) and int(entry["vmid"]) not in member_ids]
+            if params["take_vmids"] is not None:
+                warm = [entry for entry in warm if int(entry["vmid"]) in params["take_vmids"]]
             # Running VMs serve sooner than stopped ones.
             warm.sort(key=lambda entry: (entry.get("status") != "running", int(entry["vmid"])))
             chosen = warm[: max(0, params["count"] - len(kept))]
@@ -838,6 +861,15 @@ class PoolRun:
                     f"{' in pool ' + params['pool'] if params['pool'] else ''} (members: {', '.join(map(str, member_ids)) or 'none'}): "
                     f"remove it from remove_vmids"
                 )
+        if params["take_vmids"]:
+            warm = {int(entry["vmid"]) for entry in existing.values() if is_member(entry, params["take_from_tag"], params["pool"])}
+            for vmid in params["take_vmids"]:
+                if vmid in existing and vmid not in member_ids and vmid not in warm:
+                    entry = existing[vmid]
+                    raise PoolError(
+                        f"take_vmids: VM {vmid} ({entry.get('name')}) on {entry.get('node')} carries neither pool tag {params['pool_tag']} nor "
+                        f"take_from_tag {params['take_from_tag']}{' in pool ' + params['pool'] if params['pool'] else ''}: remove it from take_vmids"
+                    )
         strangers = [vmid for vmid in params["protected"] if vmid not in member_ids]
         if strangers:
             self.module.warn(f"protected VMs {', '.join(map(str, strangers))} are not members of pool tag {params['pool_tag']}; nothing to protect there")

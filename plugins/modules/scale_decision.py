@@ -208,6 +208,22 @@ warm_refill_to:
     - C(warm_vms), fewer where the active VMs leave no room under C(max_count).
   returned: always
   type: int
+warm_unready_vmids:
+  description:
+    - The warm VMs of the C(joined) form that are no node of the swarm (a run killed while it made them ready), which
+      this run makes ready; a run with nothing else to do acts for them alone.
+  returned: always
+  type: list
+  elements: int
+  sample: []
+warm_return_vmids:
+  description:
+    - The VMs a scale-in takes out that go back to the warm pool rather than being destroyed, while that pool is short
+      of C(warm_vms); the refill clones only what they do not cover.
+  returned: always
+  type: list
+  elements: int
+  sample: [123]
 warm_vmids:
   description: The warm VMs of the pool before the run.
   returned: always
@@ -356,7 +372,7 @@ def main():
     try:
         swarm = {"nodes": nodes, "services": services, "tasks": tasks}
         plan = decide(request, settings, params["state"], swarm, pool["vmids"], pool_tag=pool["tag"])
-        plan.update(warm_vm_plan(plan, pool))
+        plan.update(warm_vm_plan(plan, pool, swarm["nodes"]))
     except ValueError as e:
         module.fail_json(msg=f"Cannot decide {request['action']} of service {request['service']}: {e}")
     module.exit_json(changed=False, records=state_records(plan), audit_fields=audit_fields(plan), pool=pool, **plan)

@@ -783,9 +783,11 @@ def node_tasks(hostname):
     return run(["docker", "exec", manager_container(), "docker", "node", "ps", hostname, "--filter", "desired-state=running", "-q"]).stdout.split()
 
 
-def test_a_warm_vm_is_taken_serves_at_once_and_the_pool_refills_then_goes_with_warm_vms_0(site, autoscaler):
+def test_a_warm_vm_is_taken_serves_at_once_the_pool_refills_and_takes_a_drained_worker_back_even_when_killed_then_goes_with_warm_vms_0(site, autoscaler):
     """One warm VM of the joined form in the lab's pool (max_count 4), made by provision.yml and configure.yml as site.yml
-    runs them, taken by a scale-out under load, refilled, and removed again when warm_vms goes back to 0."""
+    runs them, taken by a scale-out under load and refilled; with warm_vms raised to 2, the scale-in returns the worker
+    it takes out to the warm pool, converging when killed half-way; both warm VMs are removed again when warm_vms goes
+    back to 0."""
     autoscaler.stop()
     lab = site["env"]["MLFLEET_LAB_NAME"]
     pool = yaml.safe_load(site["overrides"].read_text())["mlfleet_worker_pools"][0]
@@ -833,12 +835,30 @@ def test_a_warm_vm_is_taken_serves_at_once_and_the_pool_refills_then_goes_with_w
         assert refilled["availability"] == "pause" and node_tasks(refilled["hostname"]) == []
         assert len(running_vm_vmids(lab) - {n["vmid"] for n in nodes if n["role"] == "manager"}) == 4
 
+        # warm_vms 2: the pool lacks one warm VM, so the scale-in gives it the worker it takes out rather than
+        # destroying it and cloning another. The run is killed once that worker left the swarm, before it is back as a
+        # warm VM; the next run finishes it, whichever step the kill hit: it takes back the pool VM out of the swarm,
+        # or makes ready the warm VM left out of it.
+        warm_settings.write_text(yaml.safe_dump({"mlfleet_worker_pools": [dict(pool, max_count=4, warm_vms=2)]}))
         back = {"action": "scale_in", "status": "firing", "service": "resnet18", "source": "serving_pressure", "received_at": time.time(), "values": {}}
-        finish(scale_playbook(site, "scale_in", settings, ansible_eda={"event": back}))
+        output = kill_when(scale_playbook(site, "scale_in", settings, ansible_eda={"event": back}), "a worker out of the swarm",
+                           lambda: len(workers(swarm_nodes(manager_container()))) < 4, 300)  # fmt: skip
+        (left,) = [n for n in nodes if n["role"] == "worker" and n["vmid"] not in {w["vmid"] for w in workers(swarm_nodes(manager_container()))}]
+        since = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime())
+        back["received_at"] = time.time()
+        output = finish(scale_playbook(site, "scale_in", settings, ansible_eda={"event": back}))
+        (decision,) = [e for e in audit_events(site["state"], kind="scale", service="resnet18", action="scale_in") if e["time"] >= since]
+        assert decision["decision"] == "acted" and decision["fields"]["warm_refilled"] == 0, output[-3000:]
+        finished = [f"VM {left['vmid']} back to the warm pool, which lacks 1", f"warm VM {left['vmid']} not ready in the swarm"]
+        assert any(words in decision["reason"] for words in finished), decision["reason"]
         nodes = swarm_nodes(manager_container())
-        assert len([n for n in workers(nodes) if n["availability"] == "active"]) == 2, nodes
-        # The warm pool is full: the scale-in destroyed the worker it took out, and the refilled warm VM waits on.
-        assert next(n for n in nodes if n["vmid"] == refilled["vmid"])["availability"] == "pause", nodes
+        active = [n for n in workers(nodes) if n["availability"] == "active"]
+        assert len(active) == 2, nodes
+        # Back in the swarm as a warm VM: paused, labelled with the warm tag, without a task; no VM destroyed.
+        for warm_vm in (next(n for n in nodes if n["vmid"] == left["vmid"]), next(n for n in nodes if n["vmid"] == refilled["vmid"])):
+            assert (warm_vm["status"], warm_vm["availability"]) == ("ready", "pause"), warm_vm
+            assert node_labels(warm_vm["hostname"])["mlfleet.pool"] == "swarm_worker_warm" and node_tasks(warm_vm["hostname"]) == []
+        assert len(running_vm_vmids(lab) - {n["vmid"] for n in nodes if n["role"] == "manager"}) == 4
     finally:
         # warm_vms back to 0: the warm VM leaves the swarm before its VM is destroyed.
         warm_settings.write_text(yaml.safe_dump({"mlfleet_worker_pools": [pool]}))

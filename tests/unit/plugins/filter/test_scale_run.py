@@ -18,9 +18,9 @@ def filters():
 
 def test_the_vms_to_destroy_come_from_the_registered_plan():
     plugins = filters()
-    assert plugins["scale_vms_to_destroy"](PLAN, [202]) == {"remove_vmids": [202, 203], "keep": 1}
+    assert plugins["scale_vms_to_destroy"](PLAN, [202]) == {"remove_vmids": [202, 203], "keep": 1, "return_vmids": []}
     # No worker left: the filter takes None as Jinja may hand it.
-    assert plugins["scale_vms_to_destroy"](PLAN, None) == {"remove_vmids": [203], "keep": 2}
+    assert plugins["scale_vms_to_destroy"](PLAN, None) == {"remove_vmids": [203], "keep": 2, "return_vmids": []}
 
 
 def test_the_outcome_takes_registered_results_as_ansible_gives_them():

@@ -470,17 +470,20 @@ POOL_PLAN = {"pool": {"vmids": [121, 122, 123]}, "orphan_vmids": []}
     ("plan", "left", "expected"),
     [
         # The workers that left are destroyed; the pool keeps the rest.
-        (POOL_PLAN, [123], {"remove_vmids": [123], "keep": 2}),
+        (POOL_PLAN, [123], {"remove_vmids": [123], "keep": 2, "return_vmids": []}),
         # Pool VMs that never joined go with them, each counted once.
-        (dict(POOL_PLAN, orphan_vmids=[122]), [123, 122], {"remove_vmids": [122, 123], "keep": 1}),
+        (dict(POOL_PLAN, orphan_vmids=[122]), [123, 122], {"remove_vmids": [122, 123], "keep": 1, "return_vmids": []}),
         # A VM that left but is no longer in the pool (another tool destroyed it) is not counted: counting it would make
         # the destroy take a running VM to reach the count.
-        (POOL_PLAN, [123, 140], {"remove_vmids": [123], "keep": 2}),
+        (POOL_PLAN, [123, 140], {"remove_vmids": [123], "keep": 2, "return_vmids": []}),
         # Ids as the inventory gives them (strings) are the same VMs.
-        (POOL_PLAN, ["121"], {"remove_vmids": [121], "keep": 2}),
-        (POOL_PLAN, [], {"remove_vmids": [], "keep": 3}),
+        (POOL_PLAN, ["121"], {"remove_vmids": [121], "keep": 2, "return_vmids": []}),
+        (POOL_PLAN, [], {"remove_vmids": [], "keep": 3, "return_vmids": []}),
         # A run whose decision failed has no pool: it destroys nothing.
-        ({"decision": None, "orphan_vmids": []}, [123], {"remove_vmids": [], "keep": 0}),
+        ({"decision": None, "orphan_vmids": []}, [123], {"remove_vmids": [], "keep": 0, "return_vmids": []}),
+        # The warm pool takes back the VMs planned for it that are gone from the swarm; one that did not leave stays.
+        (dict(POOL_PLAN, warm_return_vmids=[123, 122]), [123], {"remove_vmids": [], "keep": 3, "return_vmids": [123]}),
+        (dict(POOL_PLAN, warm_return_vmids=[122], orphan_vmids=[121]), [123, 122], {"remove_vmids": [121, 123], "keep": 1, "return_vmids": [122]}),
     ],
 )
 def test_the_vms_a_run_destroys_are_those_that_left_or_never_joined_and_still_in_the_pool(plan, left, expected):
@@ -512,6 +515,10 @@ SKIPPED = {"skipped": True, "changed": False}
         ),
         # The replica count after the join was already right: not by itself an action.
         ("not_acted", {"replicas_after_join": {"replicas": 4, "previous_replicas": 4}}, ("not_acted", "at the maximum", 4, 3)),
+        # A worker that left went back to the warm pool, made ready there: acted, one worker fewer, nothing destroyed.
+        ("not_acted", {"returned": [{"vmid": 123}], "warmed": ["w3"]}, ("acted", "at the maximum; made warm VMs ready: w3", 2, 2)),
+        # Only a warm VM a killed run left half-made, made ready: acted, the workers as they were.
+        ("not_acted", {"warmed": ["warm-131"]}, ("acted", "at the maximum; made warm VMs ready: warm-131", 2, 3)),
     ],
 )
 def test_how_a_run_ended(decision, kwargs, expected):
@@ -711,10 +718,11 @@ def test_a_standby_record_of_an_unknown_stage_is_refused():
 WARM_POOL = {"name": "cpu", "tag": "swarm_worker", "count": 2, "max_count": 5, "warm_vms": 2, "warm_form": "joined", "warm_tag": "swarm_worker_warm"}
 
 
-def vm_plan(direction="scale_out", decision="act", grow_to=-1, change_replicas=False, leave=(), orphans=()):
+def vm_plan(direction="scale_out", decision="act", grow_to=-1, change_replicas=False, leave=(), orphans=(), current=2):
     return {
         "direction": direction,
         "decision": decision,
+        "current_replicas": current,
         "grow_to": grow_to,
         "change_replicas": change_replicas,
         "leave_vmids": list(leave),
@@ -727,27 +735,71 @@ def vm_plan(direction="scale_out", decision="act", grow_to=-1, change_replicas=F
     ("plan", "vmids", "warm", "expected"),
     [
         # Replicas on the current workers only: nothing taken, the warm pool is full.
-        (vm_plan(change_replicas=True), [1, 2], [7, 8], (0, 0, -1, "")),
+        (vm_plan(change_replicas=True), [1, 2], [7, 8], (0, 0, -1, [], "")),
         # One VM more: taken from the warm pool; with 3 active and max_count 5, it refills to 2.
-        (vm_plan(grow_to=3), [1, 2], [7, 8], (1, 0, 2, "capacity from 1 warm VM (joined)")),
+        (vm_plan(grow_to=3), [1, 2], [7, 8], (1, 0, 2, [], "capacity from 1 warm VM (joined)")),
         # Two more: both warm VMs; 4 active leave room for 1 warm VM.
-        (vm_plan(grow_to=4, change_replicas=True), [1, 2], [7, 8], (2, 0, 1, "capacity from replicas on the current workers, 2 warm VMs (joined)")),
+        (vm_plan(grow_to=4, change_replicas=True), [1, 2], [7, 8], (2, 0, 1, [], "capacity from replicas on the current workers, 2 warm VMs (joined)")),
         # Three more: two warm, one clone; 5 active leave no room for a warm VM.
-        (vm_plan(grow_to=5), [1, 2], [7, 8], (2, 1, -1, "capacity from 2 warm VMs (joined), 1 new clone")),
+        (vm_plan(grow_to=5), [1, 2], [7, 8], (2, 1, -1, [], "capacity from 2 warm VMs (joined), 1 new clone")),
         # No warm VM (a site without warm_vms, or one taken by a run killed before its refill): clones; refilled after.
-        (vm_plan(grow_to=3), [1, 2], [], (0, 1, 2, "")),
-        # A scale-in that destroys one VM makes room: the warm pool refills from 1 to 2.
-        (vm_plan("scale_in", grow_to=-1, leave=[3]), [1, 2, 3, 4], [7], (0, 0, 2, "")),
+        (vm_plan(grow_to=3), [1, 2], [], (0, 1, 2, [], "")),
+        # A scale-in that takes one VM out makes room: the warm pool, short of one, takes that VM back.
+        (vm_plan("scale_in", grow_to=-1, leave=[3]), [1, 2, 3, 4], [7], (0, 0, 2, [3], "VM 3 back to the warm pool, which lacks 1")),
+        # Two out, the pool short of one: the first goes back, the other is destroyed.
+        (vm_plan("scale_in", leave=[4, 3]), [1, 2, 3, 4], [7], (0, 0, 2, [4], "VM 4 back to the warm pool, which lacks 1")),
+        # Short of two: a VM that never joined (cloned by a killed run) goes back beside the one that left.
+        (vm_plan("scale_in", leave=[4], orphans=[3, 4]), [1, 2, 3, 4], [], (0, 0, 2, [4, 3], "VMs 4, 3 back to the warm pool, which lacks 2")),
+        # The warm pool is full: the VM that left is destroyed.
+        (vm_plan("scale_in", leave=[3]), [1, 2, 3], [7, 8], (0, 0, -1, [], "")),
+        # max_count leaves room for one warm VM beside the 4 that stay; the pool has it.
+        (vm_plan("scale_in", leave=[5]), [1, 2, 3, 4, 5], [7], (0, 0, -1, [], "")),
         # A decision not to act refills nothing, whatever the pool lacks.
-        (vm_plan(decision="none"), [1, 2], [], (0, 0, -1, "")),
+        (vm_plan(decision="none"), [1, 2], [], (0, 0, -1, [], "")),
+        (vm_plan("scale_in", decision="none", leave=[2]), [1, 2], [], (0, 0, -1, [], "")),
         # More warm VMs than warm_vms (a lowered setting): never destroyed here.
-        (vm_plan(grow_to=3), [1, 2], [6, 7, 8, 9], (1, 0, -1, "capacity from 1 warm VM (joined)")),
+        (vm_plan(grow_to=3), [1, 2], [6, 7, 8, 9], (1, 0, -1, [], "capacity from 1 warm VM (joined)")),
     ],
 )
 def test_a_scale_out_takes_warm_vms_before_it_clones_and_the_pool_refills_within_max_count(plan, vmids, warm, expected):
     from ansible_collections.mlfleet.serving.plugins.module_utils._scale_decision import warm_vm_plan
 
-    result = warm_vm_plan(plan, dict(WARM_POOL, vmids=vmids, warm_vmids=warm))
-    assert (result["warm_take"], result["clone_vms"], result["warm_refill_to"]) == expected[:3]
-    assert result["reason"] == "; ".join(part for part in ["demand 9", expected[3]] if part)
+    # Every warm VM a paused node of the swarm, as made ready.
+    nodes = [{"vmid": vmid, "status": "ready", "availability": "pause", "role": "worker"} for vmid in warm]
+    result = warm_vm_plan(plan, dict(WARM_POOL, vmids=vmids, warm_vmids=warm), nodes)
+    assert (result["warm_take"], result["clone_vms"], result["warm_refill_to"], result["warm_return_vmids"]) == expected[:4]
+    assert result["reason"] == "; ".join(part for part in ["demand 9", expected[4]] if part)
+    assert (result["decision"], result["warm_unready_vmids"]) == (plan["decision"], [])
     assert result["warm_vmids"] == sorted(warm)
+
+
+def warm_node(vmid, status="ready"):
+    return {"vmid": vmid, "status": status, "availability": "pause", "role": "worker"}
+
+
+@pytest.mark.parametrize(
+    ("plan", "form", "nodes", "expected"),
+    [
+        # Warm VM 8 is no node of the swarm (a run killed before it joined): a run with nothing to do acts to make it
+        # ready, keeping the warm pool's count.
+        (vm_plan(decision="none"), "joined", [warm_node(7)], ("act", [8], 2)),
+        # Both out: both made ready, beside a scale-out of replicas.
+        (vm_plan(change_replicas=True), "joined", [], ("act", [7, 8], 2)),
+        # A warm VM whose node is down failed: not waited for.
+        (vm_plan(decision="none"), "joined", [warm_node(7), warm_node(8, status="down")], ("none", [], -1)),
+        # A run stopped by its cooldown or a stale event (no replicas read) does nothing.
+        (vm_plan(decision="none", current=None), "joined", [], ("none", [], -1)),
+        # A run that takes warm VMs leaves the choice to the take.
+        (vm_plan(grow_to=3), "joined", [warm_node(7)], ("act", [], 2)),
+        # The running and stopped forms are no swarm nodes by design.
+        (vm_plan(decision="none"), "running", [], ("none", [], -1)),
+        (vm_plan(decision="none"), "stopped", [], ("none", [], -1)),
+    ],
+)
+def test_a_warm_vm_a_killed_run_left_out_of_the_swarm_is_made_ready_by_the_next_run(plan, form, nodes, expected):
+    from ansible_collections.mlfleet.serving.plugins.module_utils._scale_decision import warm_vm_plan
+
+    result = warm_vm_plan(plan, dict(WARM_POOL, warm_form=form, vmids=[1, 2], warm_vmids=[7, 8]), nodes)
+    assert (result["decision"], result["warm_unready_vmids"], result["warm_refill_to"]) == expected
+    if expected[1]:
+        assert f"not ready in the swarm (a run killed while it made {'it' if len(expected[1]) == 1 else 'them'} ready): made ready" in result["reason"]

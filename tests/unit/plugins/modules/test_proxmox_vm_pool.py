@@ -242,6 +242,12 @@ def test_address_range_exhaustion_fails_before_any_write(sim, module):
         ({"state": "present", "count": 1, "template": None}, r"state present needs count \(the pool size\) and template"),
         ({"count": 1, "cpulimit": 200}, r"cpulimit must be from 0 \(no limit\) to 128 CPUs, as Proxmox accepts, not 200"),
         ({"count": 1, "take_from_tag": "Worker"}, r"take_from_tag Worker is the pool's own tag: name the warm pool's tag, or drop take_from_tag"),
+        ({"count": 1, "take_vmids": [101]}, r"take_vmids names VMs of the warm pool to take: set take_from_tag to that pool's tag, or drop take_vmids"),
+        (
+            {"count": 1, "take_from_tag": "worker_warm", "take_vmids": [9000]},
+            r"take_vmids: VM 9000 \(debian12-golden\) on pve1 carries neither pool tag worker nor take_from_tag worker_warm in pool mlfleet: "
+            r"remove it from take_vmids",
+        ),
     ],
 )
 def test_bad_arguments_name_the_object_and_the_fix(sim, module, args, message):
@@ -357,6 +363,21 @@ def test_a_warm_pool_fills_the_pool_first_and_shares_its_address_range(sim, modu
     admin(sim, "DELETE", "requests")
     again = module(count=3, ip_range=RANGE, take_from_tag="worker_warm", extra_tags=["mlfleet"])
     assert again["rc"] == 0 and not again["changed"] and again["taken"] == [] and writes(sim) == []
+
+
+def test_a_drained_member_returns_to_the_warm_pool_by_take_vmids_and_no_other_member_goes(sim, module):
+    workers = members(module(count=3, ip_range=RANGE))
+    # The warm pool lacks two; only the listed worker may go there, so the other one is cloned.
+    returned = module(pool_tag="worker_warm", count=2, ip_range=RANGE, take_from_tag="worker", take_vmids=[workers[1]], address_peer_tags=["worker"])
+    assert returned["rc"] == 0, returned.get("msg")
+    assert [vm["vmid"] for vm in returned["taken"]] == [workers[1]] and len(returned["created"]) == 1
+    vms = cluster_vms(sim)
+    assert vms[workers[1]]["tags"] == "worker_warm" and [vms[vmid]["tags"] for vmid in (workers[0], workers[2])] == ["worker", "worker"]
+    assert returned["created"][0]["address"] not in {vm["address"] for vm in returned["taken"]}
+    # Run again, the returned VM counts where it is now: nothing moves.
+    admin(sim, "DELETE", "requests")
+    again = module(pool_tag="worker_warm", count=2, ip_range=RANGE, take_from_tag="worker", take_vmids=[workers[1]], address_peer_tags=["worker"])
+    assert again["rc"] == 0 and not again["changed"] and writes(sim) == []
 
 
 def test_a_warm_pool_kept_stopped_starts_only_its_new_members_and_shuts_them_down_after(sim, module):
