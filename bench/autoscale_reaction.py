@@ -102,7 +102,8 @@ class Lab:
 
 
 class Timeline(threading.Thread):
-    """Samples every second: answers and latency of the loads, replicas up in the proxy, worker VMs in the swarm."""
+    """Samples every second: answers and latency of the loads, replicas up in the proxy, worker VMs in the swarm (active,
+    and the warm VMs of the joined form: ready and paused)."""
 
     def __init__(self, lab: Lab, service: str):
         super().__init__(daemon=True)
@@ -122,13 +123,15 @@ class Timeline(threading.Thread):
                 standby = self.lab.servers(self.service, "standby")
                 lent = len([r for r in standby if r["weight"] != "0"])
                 standby = len(standby) - lent
-                workers = len([n for n in swarm_nodes(self.manager) if n["role"] == "worker" and n["status"] == "ready" and n["availability"] == "active"])
+                ready = [n for n in swarm_nodes(self.manager) if n["role"] == "worker" and n["status"] == "ready"]
+                workers = len([n for n in ready if n["availability"] == "active"])
+                warm = len([n for n in ready if n["availability"] == "pause"])
             except Exception:  # noqa: BLE001 - a missed sample is a gap in the plot, not a failed run
-                replicas = workers = standby = lent = None
+                replicas = workers = standby = lent = warm = None
             ok = [a for a in answers if a.status == 200]
             latency = sum(a.seconds for a in ok) / len(ok) if ok else None
             sample = {"t": now, "answers": len(ok), "failed": len(answers) - len(ok), "latency": latency, "replicas": replicas}
-            self.samples.append(sample | {"standby": standby, "lent": lent, "workers": workers})
+            self.samples.append(sample | {"standby": standby, "lent": lent, "workers": workers, "warm": warm})
             self.stopping.wait(max(0.0, 1.0 - (time.monotonic() - now)))
 
 
@@ -152,7 +155,7 @@ def wait(what, predicate, timeout, interval=0.5):
     raise SystemExit(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
-def plot(timeline: Timeline, t0: float, marks: dict, path: Path):
+def plot(timeline: Timeline, t0: float, marks: dict, path: Path, title="mlfleet.serving autoscaler on the lab: a load step, replicas, a new VM, and back"):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -172,14 +175,16 @@ def plot(timeline: Timeline, t0: float, marks: dict, path: Path):
     axes[2].step(times, [s.get("standby") for s in samples], where="post", label="standby (weight 0)", color="grey", linestyle="--")
     axes[2].set_ylabel(f"{timeline.service} replicas up")
     axes[2].legend(loc="upper right", fontsize=7)
-    axes[3].step(times, [s["workers"] for s in samples], where="post", color="green")
+    axes[3].step(times, [s["workers"] for s in samples], where="post", color="green", label="active workers")
+    axes[3].step(times, [s.get("warm") for s in samples], where="post", color="purple", linestyle="--", label="warm VMs in the swarm (paused)")
     axes[3].set_ylabel("worker VMs")
+    axes[3].legend(loc="upper right", fontsize=7)
     axes[3].set_xlabel("seconds since the load step (t0)")
     for name, at in marks.items():
         for axis in axes:
             axis.axvline(at - t0, color="grey", linestyle=":", linewidth=1)
         axes[0].annotate(name, (at - t0, 0), rotation=90, fontsize=7, va="bottom")
-    figure.suptitle("mlfleet.serving autoscaler on the lab: a load step, replicas, a new VM, and back")
+    figure.suptitle(title)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
 

@@ -10,6 +10,7 @@ and of the whole machine, so the CPU spent outside the workers is printed with t
     python bench/capacity.py deploy                         # the lab with 6 budgeted workers (once, ~15 min)
     python bench/capacity.py fixed --model resnet18 --workers 2 4 6 --repeats 3
     python bench/capacity.py dynamic --model resnet18 --repeats 2
+    python bench/capacity.py dynamic --model resnet18 --repeats 1 --warm-vms 2   # the pool keeps 2 warm VMs (joined)
     python bench/capacity.py report                         # tables and plots from bench/results/
     python bench/capacity.py report --since T --tag NAME    # of the runs started at T or later
 
@@ -19,6 +20,11 @@ and of the whole machine, so the CPU spent outside the workers is printed with t
   autoscaler runs as scripts/autoscale runs it (ansible-rulebook, the serving_pressure fast path) while the load runs;
   it clones, configures and joins worker VMs through the simulator (boot time: the simulator's fixed default) and
   raises the replicas onto them.
+- dynamic --warm-vms N: the worker pool keeps N warm VMs (mlfleet_worker_pools' warm_vms, form MLFLEET_BENCH_WARM_FORM,
+  default joined), made by provision.yml and configure.yml before the run and taken by the scale-out; --warm-vms 0
+  removes those an earlier run left. Every result records the VM-seconds the run used: each running worker VM, warm
+  or serving, for each second of the run (fixed N: N VMs for the whole run; the pool's idle VMs are the bench's
+  spares, not the shape's).
 - --vm-cpu-shares N: the CPU weight of the lab's VMs together against the processes of this machine (the autoscaler,
   Ansible, the simulator) while a scenario runs; the machine's default is 1024. On the dissertation's testbed the
   control plane ran on other hosts; here it shares the 2 cores, and with the default weight every busy Ansible process
@@ -76,12 +82,15 @@ class Lab:
         # Every swarm query goes through the manager VM's container; finding it lists and inspects every VM, so it is
         # looked up once (deploy() forgets it, the manager VM being created then).
         self.manager: str | None = None
+        # The pool's warm VMs for every playbook and autoscaler run of this process (dynamic --warm-vms).
+        self.warm_vms = 0
 
     def env(self, workers: int) -> dict:
         return {
             **os.environ,
             "MLFLEET_LAB_GATEWAY": self.gateway,
             "MLFLEET_BENCH_WORKERS": str(workers),
+            "MLFLEET_BENCH_WARM_VMS": str(self.warm_vms),
             "MLFLEET_BENCH_CPULIMIT": str(self.cpulimit),
             "ANSIBLE_CONFIG": str(REPO_ROOT / "ansible.cfg"),
         }
@@ -204,7 +213,15 @@ class Lab:
         raise SystemExit(f"{model}: {replicas} replicas on as many workers were not up in the proxy within {timeout} s")
 
     def workers(self) -> list[dict]:
-        return [n for n in self.nodes() if n["role"] == "worker" and n["vmid"]]
+        """The active workers: a warm VM of the joined form is a worker too, paused."""
+        return [n for n in self.nodes() if n["role"] == "worker" and n["vmid"] and n["availability"] == "active"]
+
+    def warm_workers(self) -> list[dict]:
+        return [n for n in self.nodes() if n["role"] == "worker" and n["vmid"] and n["availability"] == "pause"]
+
+    def manager_vmid(self) -> int:
+        manager = self.manager_container()
+        return next(vmid for vmid, container in self.vm_containers().items() if container == manager)
 
     def template_images(self) -> list[str]:
         """The images the golden template's disk holds (lab/up.sh MLFLEET_LAB_TEMPLATE_IMAGES): a new VM need not pull them."""
@@ -325,6 +342,15 @@ class Sampler(threading.Thread):
         self.stopping.set()
         self.join(timeout=30)
         self.samples.append(self.sample())
+
+
+def vm_seconds(samples: list[dict], manager_vmid: int) -> float:
+    """The worker VMs' running time over the samples, warm VMs included: for each interval between two samples, the
+    VMs running at its start (the sampler lists them every 5 s) times its length."""
+    total = 0.0
+    for first, second in zip(samples, samples[1:], strict=False):
+        total += len(set(first["vms"]) - {manager_vmid}) * (second["t"] - first["t"])
+    return round(total, 1)
 
 
 def cpu_breakdown(samples: list[dict], serving_vmids: set[int], manager_vmids: set[int]) -> dict:
@@ -480,7 +506,7 @@ def print_result(result: dict):
         f"p50 {result['p50_s']:6.2f}  p95 {result['p95_s']:6.2f}  p99 {result['p99_s']:6.2f} s  | cores: machine {cpu['machine']:.2f}, "
         f"serving workers {cpu['serving_workers']:.2f}, idle workers {cpu['idle_workers']:.2f}, outside workers {cpu['outside_workers']:.2f} "
         f"(manager {cpu['manager']:.2f}, load client {cpu['load_client']:.2f}, "
-        f"sampler {cpu['sampler']:.2f}, other {cpu['other']:.2f})",
+        f"sampler {cpu['sampler']:.2f}, other {cpu['other']:.2f})" + (f"  | VM-seconds {result['vm_seconds']:.0f}" if "vm_seconds" in result else ""),
         flush=True,
     )
 
@@ -539,6 +565,7 @@ def fixed(lab: Lab, args):
             records = send_load(lab, args.model, args.requests, args.concurrency, args.max_seconds)
             sampler.stop()
             result |= summarize(records) | {"cpu_cores": cpu_breakdown(sampler.samples, serving_vmids, managers)}
+            result["vm_seconds"] = round(workers * result["total_s"], 1)
             save(result, records, sampler.samples)
             print_result(result)
 
@@ -581,15 +608,27 @@ def shrink_pool(lab: Lab, model: str, workers: int):
     raise SystemExit(f"the pool still has {len(lab.workers())} workers after 4 scale-in runs; see {lab.state / 'bench' / 'ansible.log'}")
 
 
+def keep_warm_vms(lab: Lab, warm_vms: int):
+    """The pool's warm VMs as site.yml keeps them: made, or removed when an earlier run left some and warm_vms is 0."""
+    if not warm_vms and not lab.warm_workers():
+        return
+    seconds = lab.playbook("playbooks/provision.yml", 2, "playbooks/configure.yml")
+    warm = lab.warm_workers()
+    print(f"provision.yml and configure.yml with warm_vms {warm_vms}: {seconds:.0f} s, warm VMs now {sorted(n['vmid'] for n in warm)}", flush=True)
+
+
 def dynamic(lab: Lab, args):
+    lab.warm_vms = args.warm_vms
     if not lab.deployed_workers():
         deploy(lab, 2)
     for repeat in range(args.repeats):
         shrink_pool(lab, args.model, 2)
+        keep_warm_vms(lab, args.warm_vms)
         lab.settle(args.model, 2)
         warm_up(lab, args.model, 2)
         managers = lab.manager_vmids(lab.nodes())
-        result = base_result(lab, args, "dynamic") | {"repeat": repeat + 1, "autoscaler_overrides": args.pressure}
+        manager_vmid = lab.manager_vmid()
+        result = base_result(lab, args, "dynamic") | {"repeat": repeat + 1, "autoscaler_overrides": args.pressure, "warm_vms": args.warm_vms}
         log = lab.state / "bench" / "autoscaler.log"
         audit_from = time.time()
         with Autoscaler(lab.env(2), lab.state, lab.inventory, args.pressure, log):
@@ -601,9 +640,11 @@ def dynamic(lab: Lab, args):
         served_on = set().union(*(set(s.get("workers", [])) for s in sampler.samples))
         scale = scale_events_since(audit_from, lab.state)
         result |= summarize(records) | {
-            "workers_label": f"2-{max(pools, default=2)}",
+            "workers_label": f"2-{max(pools, default=2)}" + (f", warm {args.warm_vms}" if args.warm_vms else ""),
             "workers_max": max(pools, default=2),
             "cpu_cores": cpu_breakdown(sampler.samples, served_on, managers),
+            "vm_seconds": vm_seconds(sampler.samples, manager_vmid),
+            "manager_vmid": manager_vmid,
             **scale,
         }
         save(result, records, sampler.samples)
@@ -633,6 +674,7 @@ def main() -> int:
             scenario.add_argument("--workers", type=int, nargs="+", default=[2, 4, 6])
         else:
             scenario.add_argument("--pressure", type=pressure_setting, nargs="*", default=[], help="autoscale_pressure_<KEY>=<VALUE> for the rulebook")
+            scenario.add_argument("--warm-vms", type=int, default=0, help="warm VMs the worker pool keeps (warm_vms), made before each run")
     report_parser = commands.add_parser("report", help="tables and plots from bench/results/capacity.jsonl")
     # Runs on different machines do not compare: a machine's CPU speed moves every figure (see REPORT.md).
     report_parser.add_argument("--since", help="only runs started at or after this UTC time (2026-11-24T23:00:00Z)")

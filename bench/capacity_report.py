@@ -34,6 +34,8 @@ def load(results: Path) -> list[dict]:
 GOLDEN = "dynamic 2-, golden template"
 LINKED = "dynamic 2-, golden template, linked clones"
 ORDER = ["fixed 2", "fixed 4", "fixed 6", "dynamic 2-", "dynamic 2-, tuned", GOLDEN, LINKED]
+# Dynamic runs whose pool kept warm VMs (capacity.py dynamic --warm-vms N) get WARM and N appended.
+WARM = ", warm "
 # Dynamic runs with the rulebook's defaults, compared with fixed 4.
 DEFAULT_DYNAMIC = ["dynamic 2-", GOLDEN, LINKED]
 # The machine's own CPU weight of Docker's cgroup; runs with another (capacity.py --vm-cpu-shares) are kept apart.
@@ -53,7 +55,8 @@ def label(run: dict) -> str:
         return f"dynamic 2-, tuned{weighted}"
     if not run.get("template_images"):
         return f"dynamic 2-{weighted}"
-    return (LINKED if run.get("clones") == "linked" else GOLDEN) + weighted
+    warm = f"{WARM}{run['warm_vms']}" if run.get("warm_vms") else ""
+    return (LINKED if run.get("clones") == "linked" else GOLDEN) + warm + weighted
 
 
 def unweighted(name: str) -> str:
@@ -61,8 +64,15 @@ def unweighted(name: str) -> str:
     return name.removesuffix(WEIGHTED)
 
 
-def order(name: str) -> tuple[int, bool]:
-    return ORDER.index(unweighted(name)), name != unweighted(name)
+def shape(name: str) -> str:
+    """The label without the weight and the warm VMs."""
+    return unweighted(name).split(WARM)[0]
+
+
+def order(name: str) -> tuple[int, str, bool]:
+    # Shapes ORDER does not name (fixed 1, fixed 3, ...) after those it does.
+    known = ORDER.index(shape(name)) if shape(name) in ORDER else len(ORDER)
+    return known, unweighted(name), name != unweighted(name)
 
 
 def spread(values: list[float], digits=1) -> str:
@@ -81,21 +91,40 @@ def groups(runs: list[dict]) -> dict[tuple[str, str], list[dict]]:
 
 def table(runs: list[dict]) -> list[str]:
     lines = [
-        "| model | scenario | runs | requests | total s | dissertation s | req/s | p50 s | p95 s | p99 s | failed | workers | cores outside (client) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| model | scenario | runs | requests | total s | dissertation s | req/s | p50 s | p95 s | p99 s | failed | workers | cores outside (client) | VM-s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for (model, name), items in groups(runs).items():
         outside = [r["cpu_cores"]["outside_workers"] for r in items]
         client = [r["cpu_cores"]["load_client"] for r in items]
         workers = sorted({r["workers_label"] for r in items})
         dissertation = f"{DISSERTATION_TOTAL_S[unweighted(name)]:.0f}" if unweighted(name) in DISSERTATION_TOTAL_S else "-"
+        measured = [v for v in map(run_vm_seconds, items) if v is not None]
+        vm_seconds = spread(measured, 0) if measured else "-"
         lines.append(
             f"| {model} | {name} | {len(items)} | {items[0]['requests']} | {spread([r['total_s'] for r in items])} | {dissertation} | "
             f"{spread([r['throughput_rps'] for r in items], 2)} | "
             f"{spread([r['p50_s'] for r in items], 2)} | {spread([r['p95_s'] for r in items], 2)} | {spread([r['p99_s'] for r in items], 2)} | "
-            f"{spread([r['failed'] for r in items], 0)} | {', '.join(workers)} | {spread(outside, 2)} ({spread(client, 2)}) |"
+            f"{spread([r['failed'] for r in items], 0)} | {', '.join(workers)} | {spread(outside, 2)} ({spread(client, 2)}) | {vm_seconds} |"
         )
     return lines
+
+
+def run_vm_seconds(run: dict) -> float | None:
+    """The worker VMs' running seconds: recorded by dynamic runs since the warm VM runs (none before); a fixed run's
+    is its shape's, N VMs for the whole run."""
+    if "vm_seconds" in run:
+        return run["vm_seconds"]
+    return run["workers"] * run["total_s"] if run["scenario"] == "fixed" else None
+
+
+def vm_seconds_against(dynamic: list[dict], fixed: list[dict]) -> str:
+    """ "; VM-seconds N against M (x)" for the runs that recorded them, medians; "" where either side has none."""
+    ours, theirs = ([v for v in map(run_vm_seconds, runs) if v is not None] for runs in (dynamic, fixed))
+    if not (ours and theirs):
+        return ""
+    mine, other = statistics.median(ours), statistics.median(theirs)
+    return f"; VM-seconds {mine:.0f} against {other:.0f} ({mine / other:.2f}x)"
 
 
 def ratios(runs: list[dict]) -> list[str]:
@@ -116,7 +145,8 @@ def ratios(runs: list[dict]) -> list[str]:
                     f"- {model}: throughput {workers} vs 2 workers **{ratio:.2f}x** (target >= {target}: {'met' if ratio >= target else 'not met'}); "
                     f"the dissertation's total times give {DISSERTATION_TOTAL_S['fixed 2'] / DISSERTATION_TOTAL_S[f'fixed {workers}']:.2f}x"
                 )
-        for name in [n for n in DEFAULT_DYNAMIC for n in (n, n + WEIGHTED)]:
+        names = sorted((n for m, n in grouped if m == model and shape(n) in DEFAULT_DYNAMIC), key=order)
+        for name in names:
             dynamic = median(name, "total_s")
             # Like with like where there are both: fixed runs with the same VM weight (a fixed run has no control plane
             # at work, so the weight changes little there).
@@ -131,6 +161,7 @@ def ratios(runs: list[dict]) -> list[str]:
                 f"(target within {100 * DYNAMIC_VS_FIXED4_TARGET:.0f}%: "
                 f"{'met' if slower <= DYNAMIC_VS_FIXED4_TARGET else 'not met'}); the dissertation: "
                 f"{100 * (DISSERTATION_TOTAL_S['dynamic 2-'] / DISSERTATION_TOTAL_S['fixed 4'] - 1):+.1f}%"
+                + vm_seconds_against(grouped.get((model, name), []), grouped.get((model, against), []))
             )
     return lines
 
@@ -190,6 +221,11 @@ def plot_dynamic(run: dict, path: Path):
     times = [s["t"] - start for s in samples]
     other.step(times, [len(s["workers"]) for s in samples], where="post", color="#dd8452", label="active workers")
     other.step(times, [s.get("replicas", 0) for s in samples], where="post", color="#4c72b0", linestyle="--", label="running replicas")
+    if "manager_vmid" in run:
+        # Every worker VM that runs: active, warm, or cloned and not serving yet.
+        # The saved samples' vmids are JSON object keys: strings.
+        running = [len({int(vmid) for vmid in s["vms"]} - {int(run["manager_vmid"])}) for s in samples]
+        other.step(times, running, where="post", color="#c44e52", linestyle=":", label="worker VMs running (warm included)")
     other.set_ylabel("workers, replicas")
     other.set_ylim(0, 7)
     lines = axis.get_legend_handles_labels()[0] + other.get_legend_handles_labels()[0]
