@@ -67,10 +67,13 @@ ALL_PRIVILEGES = frozenset(VM_PRIVILEGES + DATASTORE_PRIVILEGES + SYSTEM_PRIVILE
 BUILTIN_ROLES: dict[str, frozenset[str]] = {
     "Administrator": ALL_PRIVILEGES,
     "NoAccess": frozenset(),
-    "PVEAdmin": ALL_PRIVILEGES - {"Sys.PowerMgmt", "Sys.Modify", "Realm.Allocate", "Permissions.Modify"},
+    # pve-access-control's create_roles leaves Mapping.Modify to Administrator and PVEMappingAdmin.
+    "PVEAdmin": ALL_PRIVILEGES - {"Sys.PowerMgmt", "Sys.Modify", "Realm.Allocate", "Permissions.Modify", "Mapping.Modify"},
     "PVEAuditor": frozenset({"Datastore.Audit", "Mapping.Audit", "Pool.Audit", "SDN.Audit", "Sys.Audit", "VM.Audit", "VM.GuestAgent.Audit"}),
     "PVEDatastoreAdmin": frozenset(DATASTORE_PRIVILEGES),
     "PVEDatastoreUser": frozenset({"Datastore.AllocateSpace", "Datastore.Audit"}),
+    "PVEMappingAdmin": frozenset({"Mapping.Audit", "Mapping.Modify", "Mapping.Use"}),
+    "PVEMappingUser": frozenset({"Mapping.Audit", "Mapping.Use"}),
     "PVEPoolAdmin": frozenset({"Pool.Allocate", "Pool.Audit"}),
     "PVEPoolUser": frozenset({"Pool.Audit"}),
     "PVESDNUser": frozenset({"SDN.Audit", "SDN.Use"}),

@@ -14,7 +14,7 @@ from typing import Any
 
 from .access import SUPERUSER, AccessControl, PermissionDenied, Principal
 from .errors import ApiError
-from .formats import FormatError, check_ssh_public_keys, decode_sshkeys, split_list, unique_tags
+from .formats import HOSTPCI, FormatError, check_ssh_public_keys, decode_sshkeys, parse_property_string, split_list, unique_tags
 from .model import RUNNING_MACHINE, VM, Cluster, locked_message, with_mac
 from .validation import ParameterErrors
 
@@ -344,6 +344,88 @@ HANDLERS[("DELETE", "/pools")] = _delete_pool
 HANDLERS[("DELETE", "/pools/{poolid}")] = _delete_pool
 
 
+# --- cluster resource mappings (pve-manager PVE/API2/Cluster/Mapping/PCI.pm) ------------------------------
+
+_SEE_MAPPING = ["Mapping.Modify", "Mapping.Use", "Mapping.Audit"]
+_MAPPING_OPTIONS = ("description", "mdev", "live-migration-capable", "map")
+
+
+@endpoint("GET", "/cluster/mapping/pci")
+async def pci_mappings(call: Call) -> list:
+    cluster, check_node = call.cluster, call.params.get("check-node")
+    if check_node is not None:
+        cluster.node(check_node)
+    digest = cluster.pci_mapping_digest()
+    answer = []
+    for mapping_id, spec in sorted(cluster.pci_mappings.items()):
+        if not call.allowed(f"/mapping/pci/{mapping_id}", _SEE_MAPPING, any_of=True):
+            continue
+        entry = _mapping_answer(spec) | {"id": mapping_id, "digest": digest}
+        if check_node is not None:
+            # The simulated hardware always matches its mapping (assert_valid passes); only a missing node entry is reported.
+            missing = not cluster.pci_mapping_entries(mapping_id, check_node)
+            entry["checks"] = [{"severity": "warning", "message": f"No mapping for node {check_node}."}] if missing else []
+        answer.append(entry)
+    return answer
+
+
+def _mapping_answer(spec: dict) -> dict:
+    return {key: (_flag(bool(int(value))) if key in ("mdev", "live-migration-capable") else value) for key, value in spec.items()}
+
+
+def _existing_mapping(call: Call) -> dict:
+    mapping = call.cluster.pci_mappings.get(call.params["id"])
+    if mapping is None:
+        raise ApiError(f"mapping '{call.params['id']}' not found")
+    return mapping
+
+
+@endpoint("GET", "/cluster/mapping/pci/{id}")
+async def pci_mapping(call: Call) -> dict:
+    return _mapping_answer(_existing_mapping(call)) | {"digest": call.cluster.pci_mapping_digest()}
+
+
+def _mapping_settings(call: Call) -> dict:
+    settings = {key: call.params[key] for key in _MAPPING_OPTIONS if key in call.params}
+    if "map" in settings:
+        try:
+            return call.cluster.checked_pci_mapping(call.params["id"], settings)
+        except ValueError as error:
+            raise ApiError(str(error), status=400) from None
+    return settings
+
+
+@endpoint("POST", "/cluster/mapping/pci")
+async def create_pci_mapping(call: Call) -> None:
+    mapping_id = call.params["id"]
+    if mapping_id in call.cluster.pci_mappings:
+        raise ApiError(f"create hardware mapping failed: pci ID '{mapping_id}' already defined")
+    call.cluster.pci_mappings[mapping_id] = _mapping_settings(call)
+    call.cluster.mark_dirty()
+
+
+@endpoint("PUT", "/cluster/mapping/pci/{id}")
+async def update_pci_mapping(call: Call) -> None:
+    cluster, params = call.cluster, call.params
+    if "digest" in params and params["digest"] != cluster.pci_mapping_digest():
+        raise ApiError("update hardware mapping failed: detected modified configuration - file changed by other user? Try again.")
+    if params["id"] not in cluster.pci_mappings:
+        raise ApiError(f"update hardware mapping failed: pci ID '{params['id']}' does not exist")
+    mapping = cluster.pci_mappings[params["id"]]
+    for key in split_list(params.get("delete", "")):
+        if key == "map":
+            raise ApiError("update hardware mapping failed: cannot delete required option 'map'!")
+        mapping.pop(key, None)
+    mapping.update(_mapping_settings(call))
+    cluster.mark_dirty()
+
+
+@endpoint("DELETE", "/cluster/mapping/pci/{id}")
+async def delete_pci_mapping(call: Call) -> None:
+    call.cluster.pci_mappings.pop(call.params["id"], None)
+    call.cluster.mark_dirty()
+
+
 # --- nodes ------------------------------------------------------------------------------------------
 
 
@@ -540,6 +622,20 @@ def _option_privilege(option: str) -> str:
     return "VM.Config.HWType"
 
 
+def _check_hostpci_permission(call: Call, option: str, value: str) -> None:
+    """qemu-server's check_hostpci_perm: a raw host device is root's; a mapped one needs Mapping.Use on the mapping."""
+    if call.principal.authid == SUPERUSER:
+        return
+    device = parse_property_string(value, HOSTPCI)
+    if device.get("host"):
+        raise ApiError(f"only root can set '{option}' config for non-mapped devices")
+    if not device.get("mapping"):
+        raise ApiError("either 'host' or 'mapping' must be set.")
+    call.access.require(call.principal, f"/mapping/pci/{device['mapping']}", ["Mapping.Use"])
+    if "romfile" in device:
+        raise ParameterErrors({option: "only root@pam can set 'romfile' option"})
+
+
 def _apply_config(call: Call, vm: VM) -> None:
     params = call.params
     if params.get("skiplock") and call.principal.authid != SUPERUSER:
@@ -552,6 +648,11 @@ def _apply_config(call: Call, vm: VM) -> None:
     changes = {key: value for key, value in params.items() if key not in _CONFIG_CONTROL_PARAMS}
     for option in sorted(set(changes) | set(deletions)):
         call.access.require(call.principal, f"/vms/{vm.vmid}", [_option_privilege(option)])
+        if re.fullmatch(r"hostpci\d+", option):
+            if vm.config.get(option):
+                _check_hostpci_permission(call, option, str(vm.config[option]))
+            if option in changes:
+                _check_hostpci_permission(call, option, str(changes[option]))
     both = set(changes) & set(deletions)
     if both:
         raise ApiError(f"You can't change option '{sorted(both)[0]}' and delete it at the same time")
@@ -604,6 +705,8 @@ async def create_vm(call: Call) -> str:
     for key, value in params.items():
         if key in ("node", "vmid", "pool", "start", "storage", "unique", "force", "bwlimit", "live-restore", "ha-managed"):
             continue
+        if re.fullmatch(r"hostpci\d+", key):
+            _check_hostpci_permission(call, key, str(value))
         allocation = (
             re.fullmatch(r"(?P<storage>[^:,]+):(?P<size>\d+)(?P<options>,.*)?", str(value)) if re.fullmatch(r"(scsi|virtio|sata|ide)\d+", key) else None
         )

@@ -25,6 +25,9 @@ DEFAULT_CONFIG: dict = {
         "slow-nfs": {"type": "nfs", "shared": True, "size_gib": 2048, "content": "images,iso,backup", "speed": 0.25},
     },
     "pools": {"mlfleet": {"comment": "model-serving workers"}},
+    # Cluster resource mappings (mapping/pci.cfg): {id: {"map": ["node=pve1,path=0000:01:00.0,id=10de:2331", ...],
+    # "description": ...}}. One map entry is one device a VM can take on that node.
+    "pci_mappings": {},
     "vms": [
         {
             "vmid": 9000,
@@ -83,6 +86,8 @@ DEFAULT_CONFIG: dict = {
         {"path": "/vms/9000", "roles": ["PVETemplateUser"], "users": ["automation@pve"], "tokens": ["automation@pve!mlfleet"]},
         {"path": "/storage", "roles": ["PVEDatastoreUser"], "users": ["automation@pve"], "tokens": ["automation@pve!mlfleet"]},
         {"path": "/sdn", "roles": ["PVESDNUser"], "users": ["automation@pve"], "tokens": ["automation@pve!mlfleet"]},
+        # Mapping.Use to pass mapped PCI devices (GPUs) to the VMs it makes; Mapping.Audit to read the mappings.
+        {"path": "/mapping/pci", "roles": ["PVEMappingUser"], "users": ["automation@pve"], "tokens": ["automation@pve!mlfleet"]},
     ],
     "faults": {},
     # Bearer token for /_sim/*; empty means: generate one and write it next to the state file.

@@ -190,12 +190,49 @@ AGENT = {
     "type": {"type": "string", "enum": ["virtio", "isa"], "optional": 1},
 }
 MEMORY = {"current": {"type": "integer", "minimum": 16, "optional": 1, "default_key": 1}}
+# qemu-server src/PVE/QemuServer/PCI.pm $hostpci_fmt ($PCIRE for host) and pve-guest-common
+# src/PVE/Mapping/PCI.pm $map_fmt ($PCI_RE for path).
+_HOST_PCI_ID = r"(?:[a-f0-9]{4,}:)?[a-f0-9]{2}:[a-f0-9]{2}(?:\.[a-f0-9])?"
+_MAPPED_PCI_PATH = r"[a-f0-9]{4,}:[a-f0-9]{2}:[a-f0-9]{2}(?:\.[a-f0-9])?"
+_HEX_ID = {"type": "string", "pattern": r"0x[0-9a-fA-F]{4}", "optional": 1}
+HOSTPCI = {
+    "host": {"type": "string", "pattern": rf"{_HOST_PCI_ID}(;{_HOST_PCI_ID})*", "optional": 1, "default_key": 1},
+    "mapping": {"type": "string", "format": "pve-configid", "optional": 1},
+    "rombar": {"type": "boolean", "optional": 1},
+    "romfile": {"type": "string", "pattern": r"[^,;]+", "optional": 1},
+    "pcie": {"type": "boolean", "optional": 1},
+    "x-vga": {"type": "boolean", "optional": 1},
+    "legacy-igd": {"type": "boolean", "optional": 1},
+    "mdev": {"type": "string", "pattern": r"[^/\.:]+", "optional": 1},
+    "vendor-id": _HEX_ID,
+    "device-id": _HEX_ID,
+    "sub-vendor-id": _HEX_ID,
+    "sub-device-id": _HEX_ID,
+    "driver": {"type": "string", "enum": ["vfio", "keep"], "optional": 1},
+}
+PCI_MAP = {
+    "node": {"type": "string", "format": "pve-node"},
+    "id": {"type": "string", "pattern": r"[0-9A-Fa-f]{4}:[0-9A-Fa-f]{4}"},
+    "subsystem-id": {"type": "string", "pattern": r"[0-9A-Fa-f]{4}:[0-9A-Fa-f]{4}", "optional": 1},
+    "path": {"type": "string", "pattern": rf"(?:{_MAPPED_PCI_PATH};)*{_MAPPED_PCI_PATH}"},
+    "iommugroup": {"type": "integer", "optional": 1},
+    "description": {"type": "string", "maxLength": 4096, "optional": 1},
+}
 
-PROPERTY_STRING_FORMATS = {"pve-qm-ipconfig": IPCONFIG, "pve-qm-net": NET, "pve-qm-agent": AGENT, "pve-qm-memory": MEMORY}
+PROPERTY_STRING_FORMATS = {
+    "pve-qm-ipconfig": IPCONFIG,
+    "pve-qm-net": NET,
+    "pve-qm-agent": AGENT,
+    "pve-qm-memory": MEMORY,
+    "pve-qm-hostpci": HOSTPCI,
+    "pve-mapping-pci-map": PCI_MAP,
+}
 
 # The subset schema dropped the property-string formats of these parameters (upstream they are inline dicts).
 # Naming them here keeps the checks the same as upstream's: keyed by the schema's parameter name.
-PARAMETER_FORMAT_OVERLAY = {"net[n]": "pve-qm-net", "agent": "pve-qm-agent", "memory": "pve-qm-memory"}
+# `map` is the PCI mapping endpoints' array of node entries: the subset drops array items, upstream their format is
+# pve-guest-common's $map_fmt (inline, no registered name: the name here is the simulator's).
+PARAMETER_FORMAT_OVERLAY = {"net[n]": "pve-qm-net", "agent": "pve-qm-agent", "memory": "pve-qm-memory", "map": "pve-mapping-pci-map"}
 
 SIMPLE_FORMATS: dict[str, Callable[[str], None]] = {
     "pve-vmid": _vmid,

@@ -16,7 +16,7 @@ from typing import Any
 from .backend import Backend, BackendError
 from .config import GIB
 from .errors import ApiError, TaskFailed
-from .formats import AGENT, MEMORY, NET, format_property_string, parse_property_string
+from .formats import AGENT, HOSTPCI, MEMORY, NET, PCI_MAP, FormatError, format_property_string, parse_property_string
 from .tasks import Clock, Task, TaskRunner
 
 FIRST_VMID = 100
@@ -63,6 +63,9 @@ class VM:
     # parent, vmstate (the RAM state volume), runningmachine/runningcpu, and snapstate while one is in progress.
     snapshots: dict[str, dict] = field(default_factory=dict)
     ctime: int = 0  # when its disks were made (the storage content listing's `ctime`)
+    # The host PCI devices (mapping paths) the VM holds from its start until it stops, as qemu-server's
+    # reservations in /var/run/pve-reserved-pci.
+    pci_devices: list[str] = field(default_factory=list)
 
     @property
     def is_template(self) -> bool:
@@ -112,6 +115,7 @@ class VM:
             "pool": self.pool,
             "snapshots": self.snapshots,
             "ctime": self.ctime,
+            "pci_devices": self.pci_devices,
         }
 
 
@@ -207,6 +211,10 @@ class Cluster:
             for name, spec in config["storages"].items()
         }
         self.pools: dict[str, str] = {poolid: spec.get("comment", "") for poolid, spec in config["pools"].items()}
+        # mapping/pci.cfg: {id: {"map": [property strings], "description"?, "mdev"?, "live-migration-capable"?}}
+        self.pci_mappings: dict[str, dict] = {}
+        for mapping_id, spec in (config.get("pci_mappings") or {}).items():
+            self.pci_mappings[mapping_id] = self.checked_pci_mapping(mapping_id, spec)
         self.vms: dict[int, VM] = {}
         self.faults = Faults.from_dict(config.get("faults") or {})
         self.dirty = False
@@ -250,18 +258,21 @@ class Cluster:
         return {
             "vms": [vm.to_state() for vm in self.vms.values()],
             "pools": self.pools,
+            "pci_mappings": self.pci_mappings,
             "tasks": [task.to_state() for task in self.runner.tasks.values()],
         }
 
     def load_state(self, state: dict) -> None:
         """Restore VMs, pools and task history; running VMs come back with their agent answering."""
         self.pools = dict(state.get("pools", self.pools))
+        self.pci_mappings = dict(state.get("pci_mappings", self.pci_mappings))
         self.vms = {}
         now = self.clock.time()
         for entry in state.get("vms", []):
             vm = VM(int(entry["vmid"]), entry["node"], dict(entry["config"]), entry.get("status", "stopped"), pool=entry.get("pool"))
             vm.snapshots = dict(entry.get("snapshots", {}))
             vm.ctime = int(entry.get("ctime", now))
+            vm.pci_devices = list(entry.get("pci_devices", [])) if vm.status == "running" else []
             if vm.status == "running":
                 vm.started_at = vm.agent_ready_at = now
             self._check_placement(vm)
@@ -493,8 +504,14 @@ class Cluster:
         """Start a VM's guest; its agent answers `agent_delay` seconds later (at once when resumed from a RAM state)."""
         if self.node_memory_used(vm.node) + vm.memory_bytes > self.nodes[vm.node].maxmem:
             raise TaskFailed(f"start failed: not enough free memory on node '{vm.node}' for VM {vm.vmid}")
-        await self.clock.sleep(self.durations["start"])
-        await self._backend(self.backend.start, vm)
+        # Chosen and reserved before the first await, so two starts at once cannot take the same device.
+        vm.pci_devices = self.choose_pci_devices(vm)
+        try:
+            await self.clock.sleep(self.durations["start"])
+            await self._backend(self.backend.start, vm)
+        except BaseException:
+            vm.pci_devices = []
+            raise
         vm.status, vm.started_at = "running", self.clock.time()
         vm.agent_ready_at = vm.started_at + agent_delay if vm.agent_enabled else None
         self.mark_dirty()
@@ -540,6 +557,7 @@ class Cluster:
     async def _power_off(self, vm: VM) -> None:
         await self._backend(self.backend.stop, vm)
         vm.status, vm.started_at, vm.agent_ready_at = "stopped", None, None
+        vm.pci_devices = []
         self.mark_dirty()
 
     async def _backend(self, action, vm: VM) -> None:
@@ -547,6 +565,89 @@ class Cluster:
             await action(vm)
         except BackendError as error:
             raise TaskFailed(str(error)) from None
+
+    # --- PCI resource mappings ----------------------------------------------------------------
+
+    def checked_pci_mapping(self, mapping_id: str, spec: dict) -> dict:
+        """A mapping/pci.cfg entry from the configuration; each map entry must parse and name a known node."""
+        entries = spec.get("map") or []
+        if isinstance(entries, str):
+            entries = [entries]
+        for entry in entries:
+            try:
+                node = parse_property_string(entry, PCI_MAP).get("node")
+            except FormatError as error:
+                raise ValueError(f"pci_mappings {mapping_id}: {error}") from None
+            if node not in self.nodes:
+                raise ValueError(f"pci_mappings {mapping_id}: map entry {entry!r} names unknown node {node!r}")
+        mapping = {key: value for key, value in spec.items() if key in ("description", "mdev", "live-migration-capable")}
+        return mapping | {"map": list(entries)}
+
+    def pci_mapping_digest(self) -> str:
+        text = "".join(f"{mapping_id}: {sorted(spec.items())}\n" for mapping_id, spec in sorted(self.pci_mappings.items()))
+        return hashlib.sha1(text.encode(), usedforsecurity=False).hexdigest()
+
+    def pci_mapping_entries(self, mapping_id: str, node: str) -> list[dict] | None:
+        """The map entries of a mapping on one node, as pve-guest-common's get_node_mapping (None: no such mapping)."""
+        mapping = self.pci_mappings.get(mapping_id)
+        if mapping is None:
+            return None
+        entries = [parse_property_string(entry, PCI_MAP) for entry in mapping["map"]]
+        return [entry for entry in entries if entry.get("node") == node]
+
+    def node_pci_devices(self, node: str) -> set[str]:
+        """The simulated node's PCI devices: those its mapping entries name (the simulator has no lspci)."""
+        devices = set()
+        for mapping_id in self.pci_mappings:
+            for entry in self.pci_mapping_entries(mapping_id, node) or []:
+                devices.update(entry["path"].split(";"))
+        return devices
+
+    def choose_pci_devices(self, vm: VM) -> list[str]:
+        """The devices a start of `vm` takes, with qemu-server's errors (PCI.pm parse_hostpci_devices, then
+        choose_hostpci_devices; the reservation check of reserve_pci_usage)."""
+        parsed = {}
+        for index in range(16):
+            value = vm.config.get(f"hostpci{index}")
+            if not value:
+                continue
+            device = parse_property_string(str(value), HOSTPCI)
+            host, mapping = device.get("host"), device.get("mapping")
+            if host and mapping:
+                raise TaskFailed("Cannot set both 'host' and 'mapping'.")
+            if mapping:
+                entries = self.pci_mapping_entries(mapping, vm.node)
+                if not entries:
+                    raise TaskFailed(f"PCI device mapping not found for '{mapping}'")
+                alternatives = [entry["path"].split(";") for entry in entries]
+            elif host:
+                alternatives = [host.split(";")]
+                known = self.node_pci_devices(vm.node)
+                for device_id in alternatives[0]:
+                    if device_id not in known:
+                        raise TaskFailed(f"no PCI device found for '{device_id}'")
+            else:
+                raise TaskFailed("Either 'host' or 'mapping' must be set.")
+            if device.get("pcie") in ("1", "on", "yes", "true") and "q35" not in str(vm.config.get("machine", "")):
+                raise TaskFailed("q35 machine model is not enabled")
+            parsed[index] = alternatives
+        # A PCI address names a device of one node: only the node's own VMs can hold it.
+        in_use = {device_id: other.vmid for other in self.vms.values() if other is not vm and other.node == vm.node for device_id in other.pci_devices}
+        chosen: list[str] = []
+        for index, alternatives in parsed.items():
+            if len(alternatives) == 1:
+                for device_id in alternatives[0]:
+                    if device_id in chosen:
+                        raise TaskFailed(f"device '{device_id}' assigned more than once")
+                    if device_id in in_use:
+                        raise TaskFailed(f"PCI device '{device_id}' already in use by VMID '{in_use[device_id]}'")
+                chosen.extend(alternatives[0])
+                continue
+            free = next((ids for ids in alternatives if not any(device_id in chosen or device_id in in_use for device_id in ids)), None)
+            if free is None:
+                raise TaskFailed(f"could not find a free device for 'hostpci{index}'")
+            chosen.extend(free)
+        return chosen
 
     # --- lifecycle ------------------------------------------------------------------------------
 

@@ -160,7 +160,7 @@ class Simulator:
         return route, matched[1]
 
     async def _request_params(self, request: web.Request) -> dict[str, Any]:
-        params: dict[str, Any] = dict(request.query)
+        params: dict[str, Any] = _single_or_list(request.query)
         if request.method in ("POST", "PUT") and request.can_read_body:
             if request.content_type == "application/json":
                 try:
@@ -171,7 +171,7 @@ class Simulator:
                     raise ApiError("malformed JSON body - expected an object", status=400)
                 params.update(body)
             else:
-                params.update(await request.post())
+                params.update(_single_or_list(await request.post()))
         return params
 
     def _authenticate(self, request: web.Request, route_info: dict) -> Principal | None:
@@ -271,3 +271,13 @@ def running_in_thread(simulator: Simulator, host: str = "127.0.0.1", port: int =
     finally:
         loop.call_soon_threadsafe(loop.stop)
         thread.join(startup_timeout)
+
+
+def _single_or_list(form) -> dict[str, Any]:
+    """A form's values; a key sent more than once (an array parameter, as `map=a&map=b`) becomes a list."""
+    values: dict[str, Any] = {}
+    for key in form:
+        if key not in values:
+            found = form.getall(key)
+            values[key] = found if len(found) > 1 else found[0]
+    return values

@@ -48,6 +48,16 @@ def _bound(schema: dict, key: str) -> float | None:
 def check_value(value: Any, schema: dict, name: str) -> tuple[Any, str | None]:
     """Convert and check one value; returns (converted value, None) or (None, reason)."""
     kind = schema.get("type", "string")
+    if kind == "array":
+        # Each item is checked as a string of the array's format (the subset keeps no `items` for parameters).
+        item_schema = {"type": "string", **({"format": schema["format"]} if "format" in schema else {})}
+        items = []
+        for item in value if isinstance(value, list) else [value]:
+            converted_item, reason = check_value(item, item_schema, name)
+            if reason:
+                return None, reason
+            items.append(converted_item)
+        return items, None
     text = _as_text(value)
     if kind == "boolean":
         if text not in ("0", "1"):

@@ -85,6 +85,11 @@ def samples(upid: str) -> list[tuple[str, str, str, dict]]:
         ("DELETE", "/pools/{poolid}", "/pools/conformance", {}),
         ("POST", "/pools", "/pools", {"poolid": "conformance2"}),
         ("DELETE", "/pools", "/pools", {"poolid": "conformance2"}),
+        ("POST", "/cluster/mapping/pci", "/cluster/mapping/pci", {"id": "gpu", "map": "node=pve1,path=0000:01:00.0,id=10de:2331", "description": "one GPU"}),
+        ("GET", "/cluster/mapping/pci", "/cluster/mapping/pci", {"check-node": "pve2"}),
+        ("PUT", "/cluster/mapping/pci/{id}", "/cluster/mapping/pci/gpu", {"mdev": 0}),
+        ("GET", "/cluster/mapping/pci/{id}", "/cluster/mapping/pci/gpu", {}),
+        ("DELETE", "/cluster/mapping/pci/{id}", "/cluster/mapping/pci/gpu", {}),
     ]
 
 
