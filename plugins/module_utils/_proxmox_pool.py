@@ -58,11 +58,61 @@ def _listing(entries):
     return ", ".join(f"{entry['vmid']} {entry.get('name', '')} on {entry.get('node')}".strip() for entry in entries) or "none visible to this user"
 
 
-def plan_placement(nodes, allowed, vm_memory, count, members_per_node=None):
+HOSTPCI_KEY = re.compile(r"^hostpci\d+$")
+
+
+def mapped_device_count(config, mapping):
+    """How many ``hostpci[n]`` entries of a VM config take a device from the PCI mapping ``mapping``."""
+    count = 0
+    for key, value in config.items():
+        if HOSTPCI_KEY.match(key):
+            fields = dict(part.partition("=")[::2] for part in str(value).split(",") if "=" in part)
+            count += fields.get("mapping") == mapping
+    return count
+
+
+def mapping_devices_per_node(mapping_entry):
+    """{node: devices} of a /cluster/mapping/pci/{id} answer: each ``map`` entry is one device (alternative) on its node."""
+    devices = {}
+    for entry in mapping_entry.get("map") or []:
+        fields = dict(part.partition("=")[::2] for part in str(entry).split(","))
+        node = fields.get("node")
+        if node:
+            devices[node] = devices.get(node, 0) + 1
+    return devices
+
+
+def device_slots(devices_per_node, used_per_node, per_vm):
+    """{node: (new VMs that fit, free devices, mapped devices)} for VMs that take ``per_vm`` devices of one mapping each.
+
+    A node's free devices are its mapped ones less those the VMs counted in ``used_per_node`` take.
+    """
+    slots = {}
+    for node, devices in devices_per_node.items():
+        free = max(0, devices - used_per_node.get(node, 0))
+        slots[node] = (free // per_vm, free, devices)
+    return slots
+
+
+def no_device_error(mapping, per_vm, wanted, placed, slots, candidates):
+    """The PoolError for new VMs that found no node with ``per_vm`` free devices of ``mapping``, naming each node's count."""
+    states = []
+    for node in candidates:
+        fits, free, devices = slots.get(node, (0, 0, 0))
+        states.append(f"{node} {free} of {devices} free" if devices else f"{node} has no device in it")
+    return PoolError(
+        f"PCI mapping {mapping}: no node has {per_vm} free device{'s' if per_vm > 1 else ''} for {wanted - placed} of the {wanted} new VMs "
+        f"({'; '.join(states) or 'no allowed node'}): add devices of the mapping on a node, free some, or lower count"
+    )
+
+
+def plan_placement(nodes, allowed, vm_memory, count, members_per_node=None, devices=None):
     """Nodes for ``count`` new VMs of ``vm_memory`` bytes: most free memory first, counting the VMs already
     placed in this run, ties broken by fewer pool members, then by name.
 
-    ``nodes`` are /nodes entries (node, status, mem, maxmem). Returns [(node, reason)].
+    ``nodes`` are /nodes entries (node, status, mem, maxmem). ``devices``, for VMs that take mapped PCI devices, is
+    (mapping, per_vm, slots) with ``slots`` from ``device_slots``: only nodes with room are chosen, and each VM placed
+    takes its devices there. Returns [(node, reason)].
     """
     online = {entry["node"]: entry for entry in nodes if entry.get("status") == "online"}
     if allowed:
@@ -79,11 +129,20 @@ def plan_placement(nodes, allowed, vm_memory, count, members_per_node=None):
         raise PoolError(f"no online node to place VMs on ({wanted}): bring a node online or widen the nodes option")
     free = {name: int(online[name].get("maxmem", 0)) - int(online[name].get("mem", 0)) for name in candidates}
     population = dict(members_per_node or {})
+    slots = dict(devices[2]) if devices else None
     placed = []
     for _placed in range(count):
-        node = min(candidates, key=lambda name: (-free[name], population.get(name, 0), name))
+        fitting = [name for name in candidates if slots is None or slots.get(name, (0, 0, 0))[0] > 0]
+        if not fitting:
+            raise no_device_error(devices[0], devices[1], count, len(placed), slots, candidates)
+        node = min(fitting, key=lambda name: (-free[name], population.get(name, 0), name))
         maxmem = int(online[node].get("maxmem", 0))
-        placed.append((node, f"{node}: most free memory ({free[node] / GIB:.1f} GiB of {maxmem / GIB:.1f} GiB)"))
+        reason = f"{node}: most free memory ({free[node] / GIB:.1f} GiB of {maxmem / GIB:.1f} GiB)"
+        if slots is not None:
+            fits, free_devices, mapped = slots[node]
+            reason += f"; {free_devices} of {mapped} devices of PCI mapping {devices[0]} free"
+            slots[node] = (fits - 1, free_devices - devices[1], mapped)
+        placed.append((node, reason))
         free[node] -= vm_memory
         population[node] = population.get(node, 0) + 1
     return placed

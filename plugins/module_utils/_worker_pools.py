@@ -27,7 +27,25 @@ DEPRECATION = (
 # Proxmox's tag format (pve-common's PVE::JSONSchema pve-tag), lower case as Proxmox stores it.
 TAG = re.compile(r"^[a-z0-9_][a-z0-9_\-+.]*$")
 NAME = re.compile(r"^[a-z][a-z0-9-]{0,30}$")
-FIELDS = ("name", "tag", "template", "count", "max_count", "cores", "memory", "cpulimit", "ip_range", "name_prefix", "warm_vms", "warm_form", "warm_tag")
+FIELDS = (
+    "name",
+    "tag",
+    "template",
+    "count",
+    "max_count",
+    "cores",
+    "memory",
+    "cpulimit",
+    "ip_range",
+    "name_prefix",
+    "warm_vms",
+    "warm_form",
+    "warm_tag",
+    "pci_mapping",
+)
+# Proxmox's pve-configid: a PCI resource mapping's ID.
+CONFIG_ID = re.compile(r"^[a-z][a-z0-9_]+$", re.IGNORECASE)
+PCI_MAPPING_KEYS = ("name", "count", "pcie")
 # How a warm VM waits, from the least it costs to the soonest it serves. stopped: cloned and configured, then shut down
 # (disk only; a take pays the start, the boot, the join and the replica's start). running: configured, not in the swarm
 # (memory; a take pays the join onward). joined: in the swarm, paused, the pool's model files present (memory and a
@@ -98,8 +116,29 @@ def _pool(entry, index, template, cluster, legacy=False):
     pool["ip_range"] = ip_range
     suffix = LEGACY_POOL["name_prefix_suffix"] if legacy else name
     pool["name_prefix"] = str(entry.get("name_prefix") or (f"{cluster}-{suffix}" if cluster else suffix))
+    pool["pci_mapping"] = _pci_mapping(entry.get("pci_mapping"), where)
     _warm(pool, entry, where)
     return pool
+
+
+def _pci_mapping(value, where):
+    """The PCI devices (GPUs) each VM of the pool takes from a Proxmox cluster resource mapping, as proxmox_vm_pool's
+    ``pci_mapping`` takes them; None for a pool without."""
+    if value is None:
+        return None
+    example = "{name: nvidia_gpu, count: 1}"
+    if not isinstance(value, dict) or sorted(set(value) - set(PCI_MAPPING_KEYS)):
+        raise ValueError(f"{where}.pci_mapping must be a mapping of {', '.join(PCI_MAPPING_KEYS)} such as {example}, got {value!r}")
+    name = value.get("name")
+    if not isinstance(name, str) or not CONFIG_ID.match(name):
+        raise ValueError(f"{where}.pci_mapping.name must be the ID of a Proxmox PCI resource mapping (letters, digits and _, such as nvidia_gpu), got {name!r}")
+    count = _whole(where, "pci_mapping.count", value.get("count", 1), 1)
+    if count > 16:
+        raise ValueError(f"{where}.pci_mapping.count must be 16 or fewer (hostpci0 to hostpci15), got {count}")
+    pcie = value.get("pcie", True)
+    if not isinstance(pcie, bool):
+        raise ValueError(f"{where}.pci_mapping.pcie must be true or false, got {pcie!r}")
+    return {"name": name, "count": count, "pcie": pcie}
 
 
 def _warm(pool, entry, where):

@@ -180,6 +180,36 @@ options:
       - Needs O(take_from_tag).
     type: list
     elements: int
+  pci_mapping:
+    description:
+      - Pass PCI devices (GPUs) through to each new member from a cluster resource mapping
+        (Datacenter, Resource Mappings; C(/cluster/mapping/pci)), as C(hostpci0) to C(hostpciN) set to
+        C(mapping=<name>[,pcie=1]). The way Proxmox VE 8 and later recommends for clusters, as a mapping names the
+        devices of every node, so a VM is not bound to one node's PCI address.
+      - A new member goes only to a node where the mapping has O(pci_mapping.count) devices free. Free means not taken
+        by a member of the pool (a stopped one too, as it takes its devices when it starts) nor by another running VM
+        the API user can see. When no allowed node has room, the module fails before any write and names each node's
+        free and mapped devices.
+      - Proxmox chooses the device itself when the VM starts, and a start without a free device fails with its own
+        message (V(could not find a free device for 'hostpci0')), for example when a VM the API user cannot see holds
+        one.
+      - Members that exist keep their devices; the option is applied to new members only.
+    type: dict
+    suboptions:
+      name:
+        description: The mapping's ID.
+        type: str
+        required: true
+      count:
+        description: Devices each new member gets (1 to 16).
+        type: int
+        default: 1
+      pcie:
+        description:
+          - Attach the devices on the PCI Express bus (C(pcie=1)), as GPUs want. Needs the template's machine type to
+            be q35; the module checks this before any write.
+        type: bool
+        default: true
   address_peer_tags:
     description:
       - Tags of other VMs that take their static addresses from the same O(ip_range), such as the warm pool that
@@ -282,6 +312,10 @@ notes:
     C(VM.GuestAgent.Unrestricted)) for the guest agent's addresses; C(VM.Allocate) on the members to destroy them;
     with O(pool), C(Pool.Audit) on C(/pool/<pool>), without which Proxmox hides the VMs' pool and the module finds no
     members.
+  - >-
+    With O(pci_mapping), also C(Mapping.Use) on C(/mapping/pci/<name>) (to set C(hostpciN) to the mapping and to read
+    it; the role C(PVEMappingUser) has it) and C(VM.Config.HWType) on the new VMs (in C(PVEVMAdmin)). Proxmox lets only
+    C(root@pam) itself, not its API tokens, pass a raw host PCI address; a mapping needs no such rights.
   - The roles C(PVEVMAdmin) and C(PVEPoolUser) on C(/pool/<pool>), C(PVETemplateUser) on the template,
     C(PVEDatastoreUser) on C(/storage) and C(PVEAuditor) on C(/) cover these. An ACL on C(/pool/<pool>) replaces what
     C(PVEAuditor) on C(/) gives there, hence C(PVEPoolUser) for C(Pool.Audit).
@@ -357,6 +391,16 @@ EXAMPLES = r"""
         template: debian12-golden
         take_from_tag: swarm-worker
         take_vmids: [108]
+
+    - name: Keep two GPU workers, each with one GPU of the cluster mapping nvidia_gpu
+      mlfleet.serving.proxmox_vm_pool:
+        pool_tag: swarm_gpu_worker
+        pool: mlfleet
+        count: 2
+        template: debian13-gpu-golden
+        pci_mapping:
+          name: nvidia_gpu
+          count: 1
 
     - name: Remove the whole test pool
       mlfleet.serving.proxmox_vm_pool:
@@ -476,9 +520,12 @@ from ansible_collections.mlfleet.serving.plugins.module_utils._proxmox_pool impo
     IdAllocator,
     PoolError,
     choose_victims,
+    device_slots,
     disk_storages,
     find_template,
     is_member,
+    mapped_device_count,
+    mapping_devices_per_node,
     pick_addresses,
     plan_placement,
     static_ipconfig,
@@ -486,6 +533,7 @@ from ansible_collections.mlfleet.serving.plugins.module_utils._proxmox_pool impo
 
 MIB = 1024**2
 MAX_BACKOFF = 30.0
+MAX_HOSTPCI = 16  # qemu-server's $MAX_HOSTPCI_DEVICES
 
 
 def argument_spec():
@@ -517,6 +565,10 @@ def argument_spec():
         extra_tags=dict(type="list", elements="str", default=[]),
         take_from_tag=dict(type="str"),
         take_vmids=dict(type="list", elements="int"),
+        pci_mapping=dict(
+            type="dict",
+            options=dict(name=dict(type="str", required=True), count=dict(type="int", default=1), pcie=dict(type="bool", default=True)),
+        ),
         shut_down=dict(type="bool", default=False),
         start_existing=dict(type="bool", default=True),
         address_peer_tags=dict(type="list", elements="str", default=[]),
@@ -557,6 +609,8 @@ def check_arguments(params):
         raise PoolError("clone_retries must be 0 or more and poll_interval more than 0")
     if params["shut_down"] and (params["start"] or params["take_from_tag"]):
         raise PoolError("shut_down keeps the members shut down: set start: false with it, and drop take_from_tag")
+    if params["pci_mapping"] and not 1 <= params["pci_mapping"]["count"] <= MAX_HOSTPCI:
+        raise PoolError(f"pci_mapping.count must be from 1 to {MAX_HOSTPCI} (hostpci0 to hostpci15), not {params['pci_mapping']['count']}")
     if params["take_vmids"] is not None and not params["take_from_tag"]:
         raise PoolError("take_vmids names VMs of the warm pool to take: set take_from_tag to that pool's tag, or drop take_vmids")
     if params["take_from_tag"] is not None and params["take_from_tag"].lower() == params["pool_tag"].lower():
@@ -587,7 +641,9 @@ class PoolRun:
         """The member as returned, plus what its config says about its address (the NIC's MAC and cloud-init)."""
         config = self.client.get(f"nodes/{member['node']}/qemu/{member['vmid']}/config")
         nic = configured_nic(config, self.params["address_nic"])
+        mapping = self.params["pci_mapping"]
         return {
+            "pci_devices": mapped_device_count(config, mapping["name"]) if mapping else 0,
             "vmid": int(member["vmid"]),
             "name": member.get("name"),
             "node": member["node"],
@@ -698,6 +754,9 @@ class PoolRun:
             config["sshkeys"] = urllib.parse.quote("\n".join(key.strip() for key in params["sshkeys"]), safe="")
         if params["nameserver"] is not None:
             config["nameserver"] = params["nameserver"]
+        mapping = params["pci_mapping"]
+        for index in range(mapping["count"] if mapping else 0):
+            config[f"hostpci{index}"] = f"mapping={mapping['name']}" + (",pcie=1" if mapping["pcie"] else "")
         ip_range = params["ip_range"]
         config[ipconfig_key(params["address_nic"])] = static_ipconfig(address, ip_range["prefix"], ip_range.get("gateway")) if address else "ip=dhcp"
         return config
@@ -896,6 +955,40 @@ class PoolRun:
         ]
         return [vm["address"] for vm in self.in_parallel([(self.member_details, (entry,)) for entry in peers])]
 
+    def mapped_device_slots(self, template, resources, found, kept):
+        """Room per node for new members' devices of the PCI mapping: its devices less those the kept members and
+        every other running VM take. A stopped member counts, as it takes its devices when it starts."""
+        mapping = self.params["pci_mapping"]
+        name = mapping["name"]
+        if mapping["pcie"]:
+            machine = str(self.client.get(f"nodes/{template['node']}/qemu/{template['vmid']}/config").get("machine", ""))
+            if "q35" not in machine:
+                raise PoolError(
+                    f"pci_mapping.pcie needs the q35 machine type, and template {template['vmid']} ({template.get('name')}) has machine "
+                    f"{machine or 'i440fx (the default)'}: set machine q35 on the template, or pcie: false"
+                )
+        try:
+            per_node = mapping_devices_per_node(self.client.get(f"cluster/mapping/pci/{name}"))
+        except ProxmoxError as error:
+            raise PoolError(
+                f"PCI mapping {name} cannot be read ({error}): create it (Datacenter, Resource Mappings) and give the API user or token "
+                f"PVEMappingUser on /mapping/pci/{name}"
+            ) from None
+        used = {}
+        for vm in kept:
+            used[vm["node"]] = used.get(vm["node"], 0) + vm["pci_devices"]
+        members = {int(entry["vmid"]) for entry in found} | {vm["vmid"] for vm in kept}
+        # VMs the token cannot see may hold devices too; their starts then fail with Proxmox's own message.
+        others = [
+            entry
+            for entry in resources
+            if entry.get("status") == "running" and entry.get("node") in per_node and int(entry["vmid"]) not in members and not int(entry.get("template", 0))
+        ]
+        configs = self.in_parallel([(self.client.get, (f"nodes/{entry['node']}/qemu/{entry['vmid']}/config",)) for entry in others])
+        for index, entry in enumerate(others):
+            used[entry["node"]] = used.get(entry["node"], 0) + mapped_device_count(configs[index], name)
+        return device_slots(per_node, used, mapping["count"])
+
     def plan_new(self, template, resources, found, kept, victims):
         """Names, nodes, vmids and addresses of the members to create; raises before any write if they do not fit."""
         params = self.params
@@ -914,7 +1007,10 @@ class PoolRun:
             if allowed and template["node"] not in allowed:
                 raise PoolError(f"{pinned}, and nodes ({', '.join(allowed)}) leaves it out: choose a shared storage or allow node {template['node']}")
             allowed = [template["node"]]
-        placed = plan_placement(self.client.get("nodes"), allowed, vm_memory, missing, population)
+        devices = None
+        if params["pci_mapping"]:
+            devices = (params["pci_mapping"]["name"], params["pci_mapping"]["count"], self.mapped_device_slots(template, resources, found, kept))
+        placed = plan_placement(self.client.get("nodes"), allowed, vm_memory, missing, population, devices)
         if local:
             placed = [(node, f"{reason}; only {node}: {pinned}") for node, reason in placed]
         addresses = [None] * missing

@@ -17,8 +17,10 @@ description:
     most the autoscaler grows it to; default C(count)), C(cores), C(memory) (MiB), C(cpulimit) (host CPUs, optional),
     C(ip_range) (as M(mlfleet.serving.proxmox_vm_pool) takes it; optional), C(name_prefix) (default
     C(<cluster>-<name>)), C(warm_vms) (VMs kept warm for a scale-out, default 0; they count toward C(max_count)),
-    C(warm_form) (how they wait: V(stopped), V(running) or V(joined), the default) and C(warm_tag) (the Proxmox tag they
-    carry while they wait, default C(<tag>_warm))."
+    C(warm_form) (how they wait: V(stopped), V(running) or V(joined), the default), C(warm_tag) (the Proxmox tag they
+    carry while they wait, default C(<tag>_warm)) and C(pci_mapping) (GPUs passed through to each VM from a Proxmox
+    PCI resource mapping, as M(mlfleet.serving.proxmox_vm_pool) takes it - C(name), C(count) default 1, C(pcie)
+    default true; optional)."
   - The single-pool variable C(mlfleet_workers) of earlier releases (O(workers)) is read as the pool C(workers) with the
     tag C(swarm_worker) and the VM names C(<cluster>-worker-<vmid>), the same VMs as before; it gives a deprecation
     warning.
@@ -104,7 +106,7 @@ pools:
   sample:
     - {name: cpu, tag: swarm_worker, template: debian-golden, count: 2, max_count: 4, cores: 2, memory: 4096, cpulimit: null,
        ip_range: null, name_prefix: mlfleet-cpu, warm_vms: 1, warm_form: joined, warm_tag: swarm_worker_warm,
-       members: [mlfleet-cpu-201, mlfleet-cpu-202], provision_count: 2, warm_members: [mlfleet-cpu-203], warm_count: 1,
+       pci_mapping: null, members: [mlfleet-cpu-201, mlfleet-cpu-202], provision_count: 2, warm_members: [mlfleet-cpu-203], warm_count: 1,
        services: [resnet18]}
 service_pools:
   description: The pool each service runs on, by service name.

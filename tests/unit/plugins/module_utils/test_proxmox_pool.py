@@ -11,9 +11,12 @@ from ansible_collections.mlfleet.serving.plugins.module_utils._proxmox_pool impo
     IdAllocator,
     PoolError,
     choose_victims,
+    device_slots,
     disk_storages,
     find_template,
     is_member,
+    mapped_device_count,
+    mapping_devices_per_node,
     pick_addresses,
     plan_placement,
     static_ipconfig,
@@ -83,6 +86,65 @@ def test_placement_honours_allowed_and_online_nodes():
     with pytest.raises(PoolError, match=r"nodes pve7 not in the cluster \(nodes: pve1, pve2, pve3\)"):
         plan_placement(nodes, ["pve7"], GIB, 1)
     assert plan_placement(nodes, ["pve2"], GIB, 0) == []
+
+
+@pytest.mark.parametrize(
+    ("config", "expected"),
+    [
+        ({}, 0),
+        ({"hostpci0": "mapping=gpu,pcie=1"}, 1),
+        ({"hostpci0": "mapping=gpu", "hostpci3": "pcie=1,mapping=gpu", "hostpci1": "mapping=nic"}, 2),
+        ({"hostpci0": "0000:01:00.0,pcie=1"}, 0),  # a raw host device takes nothing from the mapping
+        ({"hostpci0": "host=0000:01:00.0"}, 0),
+        ({"hostpci0": "mapping=gpu2"}, 0),
+        ({"description": "hostpci0: mapping=gpu", "net0": "virtio,bridge=vmbr0"}, 0),
+    ],
+)
+def test_mapped_devices_of_a_config_count_only_its_mapping(config, expected):
+    assert mapped_device_count(config, "gpu") == expected
+
+
+def test_a_mapping_has_one_device_per_map_entry_on_its_node():
+    entry = {
+        "map": ["node=pve2,path=0000:01:00.0,id=10de:2331", "id=10de:2331,node=pve2,path=0000:02:00.0", "node=pve3,path=0000:81:00.0;0000:82:00.0,id=10de:2331"]
+    }
+    assert mapping_devices_per_node(entry) == {"pve2": 2, "pve3": 1}
+    assert mapping_devices_per_node({"map": []}) == {}
+
+
+@pytest.mark.parametrize(
+    ("devices", "used", "per_vm", "expected"),
+    [
+        ({"pve2": 4, "pve3": 2}, {}, 1, {"pve2": (4, 4, 4), "pve3": (2, 2, 2)}),
+        ({"pve2": 4, "pve3": 2}, {"pve2": 1, "pve3": 2}, 2, {"pve2": (1, 3, 4), "pve3": (0, 0, 2)}),
+        ({"pve2": 1}, {"pve2": 3}, 1, {"pve2": (0, 0, 1)}),  # more in use than mapped: none free, never negative
+    ],
+)
+def test_device_slots_count_whole_vms(devices, used, per_vm, expected):
+    assert device_slots(devices, used, per_vm) == expected
+
+
+def test_placement_with_devices_goes_only_where_a_vm_s_devices_are_free():
+    nodes = [node("pve1", 60), node("pve2", 40), node("pve3", 30)]
+    slots = device_slots({"pve2": 2, "pve3": 1}, {"pve2": 1}, 1)
+    placed = plan_placement(nodes, None, GIB, 2, devices=("gpu", 1, slots))
+    assert [name for name, _reason in placed] == ["pve2", "pve3"]
+    assert placed[0][1] == "pve2: most free memory (40.0 GiB of 64.0 GiB); 1 of 2 devices of PCI mapping gpu free"
+    assert placed[1][1] == "pve3: most free memory (30.0 GiB of 64.0 GiB); 1 of 1 devices of PCI mapping gpu free"
+
+
+@pytest.mark.parametrize(
+    ("allowed", "count", "message"),
+    [
+        (None, 3, r"PCI mapping gpu: no node has 1 free device for 1 of the 3 new VMs \(pve1 has no device in it; pve2 0 of 2 free; pve3 0 of 1 free\)"),
+        (["pve1"], 1, r"no node has 1 free device for 1 of the 1 new VMs \(pve1 has no device in it\): add devices of the mapping on a node"),
+    ],
+)
+def test_placement_without_free_devices_names_every_node(allowed, count, message):
+    nodes = [node("pve1", 60), node("pve2", 40), node("pve3", 30)]
+    slots = device_slots({"pve2": 2, "pve3": 1}, {"pve2": 1}, 1)
+    with pytest.raises(PoolError, match=message):
+        plan_placement(nodes, allowed, GIB, count, devices=("gpu", 1, slots))
 
 
 def test_ids_are_unique_across_threads_and_skip_taken_ones():

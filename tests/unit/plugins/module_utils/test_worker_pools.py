@@ -15,7 +15,7 @@ from ansible_collections.mlfleet.serving.plugins.module_utils._worker_pools impo
 )
 
 CPU = {"name": "cpu", "tag": "swarm_worker", "count": 2, "max_count": 4, "cores": 2, "memory": 4096}
-GPU = {"name": "gpu", "tag": "gpu_worker", "count": 0, "max_count": 2, "cores": 8, "memory": 32768, "template": 9001}
+GPU = {"name": "gpu", "tag": "gpu_worker", "count": 0, "max_count": 2, "cores": 8, "memory": 32768, "template": 9001, "pci_mapping": {"name": "nvidia_gpu"}}
 
 
 def test_a_pool_is_completed_with_the_template_and_the_vm_names():
@@ -36,6 +36,7 @@ def test_a_pool_is_completed_with_the_template_and_the_vm_names():
             "warm_vms": 0,
             "warm_form": "joined",
             "warm_tag": "swarm_worker_warm",
+            "pci_mapping": None,
         },
         {
             "name": "gpu",
@@ -51,8 +52,14 @@ def test_a_pool_is_completed_with_the_template_and_the_vm_names():
             "warm_vms": 0,
             "warm_form": "joined",
             "warm_tag": "gpu_worker_warm",
+            "pci_mapping": {"name": "nvidia_gpu", "count": 1, "pcie": True},
         },
     ]
+
+
+def test_a_gpu_pool_s_devices_take_the_inventory_s_values():
+    (pool,) = worker_pools([dict(GPU, pci_mapping={"name": "gpu", "count": "2", "pcie": False})], template=9000)[0]
+    assert pool["pci_mapping"] == {"name": "gpu", "count": 2, "pcie": False}
 
 
 def test_max_count_defaults_to_count_and_strings_from_the_inventory_are_read_as_numbers():
@@ -109,6 +116,13 @@ def test_the_deprecated_mlfleet_workers_is_the_pool_workers_with_the_same_tag_an
         ([dict(CPU, warm_tag="Warm Pool")], None, "pool cpu.warm_tag must be a Proxmox tag other than the pool's tag"),
         ([CPU, dict(GPU, warm_tag="swarm_worker")], None, "the warm_tag 'swarm_worker' of pool gpu is the tag of pool cpu; give each its own tag"),
         ([CPU, dict(GPU, warm_tag="swarm_worker_warm")], None, "the warm_tag 'swarm_worker_warm' of pool gpu is the warm_tag of pool cpu"),
+        ([dict(GPU, pci_mapping="nvidia_gpu")], None, "pool gpu.pci_mapping must be a mapping of name, count, pcie such as {name: nvidia_gpu, count: 1}"),
+        ([dict(GPU, pci_mapping={"name": "gpu", "devices": 2})], None, "pool gpu.pci_mapping must be a mapping of name, count, pcie"),
+        ([dict(GPU, pci_mapping={"name": "nvidia-gpu"})], None, "pool gpu.pci_mapping.name must be the ID of a Proxmox PCI resource mapping"),
+        ([dict(GPU, pci_mapping={"count": 1})], None, "pool gpu.pci_mapping.name must be the ID of a Proxmox PCI resource mapping"),
+        ([dict(GPU, pci_mapping={"name": "gpu", "count": 0})], None, "pool gpu.pci_mapping.count must be a whole number of 1 or more, got 0"),
+        ([dict(GPU, pci_mapping={"name": "gpu", "count": 17})], None, "pool gpu.pci_mapping.count must be 16 or fewer (hostpci0 to hostpci15), got 17"),
+        ([dict(GPU, pci_mapping={"name": "gpu", "pcie": "yes"})], None, "pool gpu.pci_mapping.pcie must be true or false, got 'yes'"),
     ],
 )
 def test_bad_pools_are_named_with_the_fix(pools, workers, message):

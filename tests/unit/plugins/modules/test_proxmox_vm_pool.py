@@ -29,10 +29,12 @@ KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIBx9Jb0lfBbJ1ZkqvJ0nKk7bqJk9kE6G2v4D1
 WRITES = ("POST", "PUT", "DELETE")
 
 
-def start_simulator(tmp_path, limits=None, durations=None):
+def start_simulator(tmp_path, limits=None, durations=None, pci_mappings=None, template_config=None):
     config = copy.deepcopy(DEFAULT_CONFIG)
     config["durations"].update(FAST | (durations or {}))
     config["limits"].update(limits or {})
+    config["pci_mappings"] = pci_mappings or {}
+    config["vms"][0]["config"].update(template_config or {})
     return Simulator(config, tmp_path / "sim")
 
 
@@ -399,3 +401,108 @@ def test_a_warm_pool_kept_stopped_starts_only_its_new_members_and_shuts_them_dow
     taken = module(count=1, take_from_tag="worker_warm")
     assert taken["rc"] == 0 and taken["taken"][0]["ip"], taken.get("msg")
     assert module(pool_tag="worker_warm", count=1, start=True, shut_down=True)["msg"].startswith("shut_down keeps the members shut down: set start: false")
+
+
+GPU_MAPPING = {
+    "gpu": {"map": ["node=pve2,path=0000:01:00.0,id=10de:2331", "node=pve2,path=0000:02:00.0,id=10de:2331", "node=pve3,path=0000:01:00.0,id=10de:2331"]}
+}
+GPU_SIM = {"pci_mappings": GPU_MAPPING, "template_config": {"machine": "q35"}}
+
+
+def vm_config(sim, vm):
+    return api_get(sim, f"nodes/{vm['node']}/qemu/{vm['vmid']}/config")
+
+
+@pytest.mark.parametrize("sim", [GPU_SIM], indirect=True)
+def test_gpu_members_go_where_the_mapping_has_free_devices_and_a_full_cluster_fails_before_any_write(sim, module):
+    first = module(count=2, pci_mapping={"name": "gpu"})
+    assert first["rc"] == 0, first["msg"]
+    # pve1 has the most free memory (ties go by name) but no device of the mapping: never chosen.
+    assert sorted(vm["node"] for vm in first["members"]) == ["pve2", "pve3"]
+    assert all("devices of PCI mapping gpu free" in vm["reason"] for vm in first["created"])
+    for vm in first["members"]:
+        assert vm_config(sim, vm)["hostpci0"] == "mapping=gpu,pcie=1"
+        assert vm["status"] == "running"
+    held = sorted(device for vm in sim["simulator"].cluster.vms.values() for device in vm.pci_devices)
+    assert held == ["0000:01:00.0", "0000:01:00.0"]
+
+    again = module(count=2, pci_mapping={"name": "gpu"})
+    assert again["rc"] == 0 and again["changed"] is False
+
+    grown = module(count=3, pci_mapping={"name": "gpu"})
+    assert grown["rc"] == 0, grown["msg"]
+    assert [vm["node"] for vm in grown["created"]] == ["pve2"]
+    assert "pve2: most free memory" in grown["created"][0]["reason"] and "1 of 2 devices of PCI mapping gpu free" in grown["created"][0]["reason"]
+
+    admin(sim, "DELETE", "requests")
+    full = module(count=4, pci_mapping={"name": "gpu"})
+    assert full["rc"] == 1
+    assert full["msg"] == (
+        "PCI mapping gpu: no node has 1 free device for 1 of the 1 new VMs (pve1 has no device in it; pve2 0 of 2 free; pve3 0 of 1 free): "
+        "add devices of the mapping on a node, free some, or lower count"
+    )
+    assert writes(sim) == []
+
+
+@pytest.mark.parametrize("sim", [GPU_SIM], indirect=True)
+def test_devices_held_by_other_running_vms_and_by_stopped_members_are_not_free(sim, module):
+    # A VM outside the pool holds one of pve2's devices.
+    admin_token = f"PVEAPIToken=root@pam!admin={ROOT_TOKEN}"
+    clone = requests.post(
+        f"{sim['url']}/api2/json/nodes/pve1/qemu/9000/clone",
+        data={"newid": 500, "target": "pve2", "full": 1, "storage": "slow-nfs"},
+        headers={"Authorization": admin_token},
+        verify=sim["ca"],
+        timeout=10,
+    )
+    clone.raise_for_status()
+    other = sim["simulator"].cluster.vms
+    deadline = time.monotonic() + 10
+    while 500 not in other or other[500].lock:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    other[500].config["hostpci0"] = "mapping=gpu"
+    other[500].status, other[500].pci_devices = "running", ["0000:01:00.0"]
+
+    stopped = module(count=1, pci_mapping={"name": "gpu"}, start=False)
+    assert stopped["rc"] == 0, stopped["msg"]
+    assert stopped["members"][0]["status"] == "stopped"
+    # pve2: 2 mapped, 1 held by VM 500; pve3: 1 mapped, 1 promised to the stopped member placed there or on pve2.
+    result = module(count=3, pci_mapping={"name": "gpu"}, start=False)
+    assert result["rc"] == 1
+    assert "no node has 1 free device for 1 of the 2 new VMs" in result["msg"]
+
+
+@pytest.mark.parametrize(
+    ("sim", "args", "message"),
+    [
+        (
+            GPU_SIM,
+            {"pci_mapping": {"name": "absent"}},
+            r"PCI mapping absent cannot be read \(.*mapping 'absent' not found.*PVEMappingUser on /mapping/pci/absent",
+        ),
+        (
+            {"pci_mappings": GPU_MAPPING},
+            {"pci_mapping": {"name": "gpu"}},
+            r"pci_mapping.pcie needs the q35 machine type, and template 9000 \(debian12-golden\) has machine i440fx",
+        ),
+        (GPU_SIM, {"pci_mapping": {"name": "gpu", "count": 17}}, r"pci_mapping.count must be from 1 to 16"),
+    ],
+    indirect=["sim"],
+)
+def test_gpu_pool_errors_come_before_any_write(sim, module, args, message):
+    admin(sim, "DELETE", "requests")
+    result = module(count=1, **args)
+    assert result["rc"] == 1 and re.search(message, result["msg"]), result["msg"]
+    assert writes(sim) == []
+
+
+@pytest.mark.parametrize("sim", [{"pci_mappings": GPU_MAPPING}], indirect=True)
+def test_without_pcie_a_gpu_member_needs_no_q35_template_and_takes_two_devices(sim, module):
+    result = module(count=1, pci_mapping={"name": "gpu", "count": 2, "pcie": False})
+    assert result["rc"] == 0, result["msg"]
+    vm = result["members"][0]
+    assert vm["node"] == "pve2"
+    config = vm_config(sim, vm)
+    assert (config["hostpci0"], config["hostpci1"]) == ("mapping=gpu", "mapping=gpu")
+    assert sorted(sim["simulator"].cluster.vms[vm["vmid"]].pci_devices) == ["0000:01:00.0", "0000:02:00.0"]
