@@ -86,7 +86,8 @@ def number(path, value, minimum, whole=False, above=False, fix=""):
 def effective_settings(autoscale, service, workers):
     """The settings that hold for ``service``: DEFAULTS, the inventory's ``mlfleet_autoscale`` over them, its
     ``services[service]`` over the replica settings, and the worker pool's bounds from ``workers``
-    (``{name, min, max, cores}``, from the service's entry of mlfleet_worker_pools: count, max_count, cores).
+    (``{name, min, max, cores, gpus}``, from the service's entry of mlfleet_worker_pools: count, max_count, cores,
+    pci_mapping.count).
     Checked; a ValueError names the setting and the fix."""
     if autoscale is not None and not isinstance(autoscale, dict):
         raise ValueError(f"mlfleet_autoscale must be a mapping, got {type(autoscale).__name__}; see the README's autoscaling section")
@@ -134,6 +135,8 @@ def effective_settings(autoscale, service, workers):
         "step": number("workers.step", pool["step"], 0, whole=True, fix="give the most worker VMs one run adds or removes"),
         "time_to_serve": number("workers.time_to_serve", pool["time_to_serve"], 0, fix="give seconds, 0 to always clone"),
         "cores": number(f"workers.cores ({source} cores)", pool.get("cores"), 0, above=True, fix="give the CPUs of a new worker VM"),
+        # The GPUs a new worker VM brings (its pci_mapping.count): a service that reserves GPUs grows only such a pool.
+        "gpus": number(f"workers.gpus ({source} pci_mapping.count)", pool.get("gpus", 0), 0, whole=True, fix="give the GPUs of a new worker VM"),
     }
     if settings["workers"]["min"] > settings["workers"]["max"]:
         raise ValueError(
@@ -231,6 +234,13 @@ def cooldown_left(direction, service, settings, last_actions, now):
     else:
         why = f"last scale_out {round(since_out)} s ago; no scale_in within {settings['cooldown']['scale_in_after_scale_out']:g} s of one"
     return round(left, 1), f"{service}: {direction} is cooling down for {round(left)} s more ({why})"
+
+
+def new_worker_generic(settings, spec):
+    """What a new worker VM of the pool brings of each kind the service reserves: the pool's GPUs per VM (its
+    pci_mapping.count) of the service's GPU kind; nothing for a pool without GPUs."""
+    gpus = settings["workers"].get("gpus") or 0
+    return {kind: gpus for kind in ((spec or {}).get("generic") or {})} if gpus else {}
 
 
 def pool_swarm(swarm, pool_tag):
@@ -373,6 +383,7 @@ def decide(request, settings, state, swarm, pool_vmids, now=None, pool_tag=None)
             vm_step=0 if action == "scale_replicas" else settings["workers"]["step"],
             new_worker_cpus=settings["workers"]["cores"],
             worker_pool_size=len(pool_vmids),
+            new_worker_generic=new_worker_generic(settings, services.get(service)),
         )
     else:
         target = bounded

@@ -40,6 +40,18 @@ def node_vmid(labels):
     return int(value) if value.isdigit() else None
 
 
+def generic_units(resources):
+    """{kind: units} of Swarm generic resources: a named resource (a GPU's id) is one unit, a discrete one its value."""
+    units = {}
+    for resource in resources or []:
+        named, discrete = resource.get("NamedResourceSpec"), resource.get("DiscreteResourceSpec")
+        if named and named.get("Kind"):
+            units[named["Kind"]] = units.get(named["Kind"], 0) + 1
+        elif discrete and discrete.get("Kind"):
+            units[discrete["Kind"]] = units.get(discrete["Kind"], 0) + int(discrete.get("Value") or 0)
+    return units
+
+
 def normalise_node(record):
     spec = record.get("Spec") or {}
     description = record.get("Description") or {}
@@ -52,6 +64,8 @@ def normalise_node(record):
         "availability": spec.get("Availability"),
         "status": (record.get("Status") or {}).get("State"),
         "cpus": ((description.get("Resources") or {}).get("NanoCPUs") or 0) / 1e9,
+        # What the node advertises (node-generic-resources), such as {"NVIDIA-GPU": 2}.
+        "generic": generic_units((description.get("Resources") or {}).get("GenericResources")),
         "labels": labels,
         "platform": {"os": platform.get("OS") or "", "arch": platform.get("Architecture") or ""},
         "vmid": node_vmid(labels),
@@ -77,6 +91,8 @@ def normalise_service(record):
     return {
         "replicas": replicas,
         "cpus": nano_cpus / 1e9,
+        # Units each task reserves, such as {"NVIDIA-GPU": 1}.
+        "generic": generic_units((resources.get("Reservations") or {}).get("GenericResources")),
         "constraints": list(placement.get("Constraints") or []),
         "max_per_node": placement.get("MaxReplicas") or 0,
         "mode": kind,
@@ -158,12 +174,16 @@ def new_worker_eligible(constraints):
     return True
 
 
-def replicas_per_node(free_cpus, spec):
-    """How many tasks of a service with ``spec`` fit in ``free_cpus``."""
+def replicas_per_node(free_cpus, spec, free_generic=None):
+    """How many tasks of a service with ``spec`` fit in ``free_cpus`` and the free generic resources ``free_generic``
+    ({kind: units}): a service that reserves GPUs fits only as often as the node has GPUs free."""
     if spec["cpus"] > 0:
         fits = max(0, math.floor((free_cpus + EPSILON) / spec["cpus"]))
     else:
         fits = UNBOUNDED
+    for kind, units in (spec.get("generic") or {}).items():
+        if units > 0:
+            fits = min(fits, max(0, (free_generic or {}).get(kind, 0) // units))
     return min(fits, spec["max_per_node"]) if spec["max_per_node"] > 0 else fits
 
 
@@ -171,18 +191,34 @@ def reserved_by_others(node_id, service, services, tasks):
     return sum(services[t["service"]]["cpus"] for t in tasks if t["node_id"] == node_id and t["service"] != service and t["service"] in services)
 
 
+def generic_free(node, service, services, tasks):
+    """{kind: units} a node has free for ``service``: what it advertises less what the other services' tasks on it reserve."""
+    free = dict(node.get("generic") or {})
+    for task in tasks:
+        if task["node_id"] == node["node_id"] and task["service"] != service and task["service"] in services:
+            for kind, units in (services[task["service"]].get("generic") or {}).items():
+                free[kind] = free.get(kind, 0) - units
+    return free
+
+
+def units_text(generic):
+    """'1 NVIDIA-GPU' for {NVIDIA-GPU: 1}; empty for none."""
+    return ", ".join(f"{units} {kind}" for kind, units in sorted((generic or {}).items()))
+
+
 def capacity(service, nodes, services, tasks):
     """How many replicas of ``service`` the eligible nodes hold if it alone were rescheduled.
 
     Each eligible node holds floor((its CPUs - the reservations of the other services' tasks on it) / the service's
-    CPUs per replica), at most the service's max_per_node. A service that reserves no CPU is bounded by max_per_node
-    only; without one the result is UNBOUNDED (one million).
+    CPUs per replica), at most the service's max_per_node, and no more than its free generic resources (GPUs) hold.
+    A service that reserves nothing is bounded by max_per_node only; without one the result is UNBOUNDED (one million).
     """
     spec = known_service(service, services)
     total = 0
     for node in nodes:
         if eligible(node, spec["constraints"]):
-            total += replicas_per_node(node["cpus"] - reserved_by_others(node["node_id"], service, services, tasks), spec)
+            free_cpus = node["cpus"] - reserved_by_others(node["node_id"], service, services, tasks)
+            total += replicas_per_node(free_cpus, spec, generic_free(node, service, services, tasks))
     return min(total, UNBOUNDED)
 
 
@@ -194,18 +230,30 @@ def pack(nodes, services, replicas):
     host name order) that is eligible, has room and holds fewer than the service's max_per_node.
     """
     free = {}
+    free_units = {}
     for node in nodes:
-        free[node["node_id"]] = node["cpus"] - sum(s["cpus"] for s in services.values() if s["mode"] == "global" and eligible(node, s["constraints"]))
+        globals_here = [s for s in services.values() if s["mode"] == "global" and eligible(node, s["constraints"])]
+        free[node["node_id"]] = node["cpus"] - sum(s["cpus"] for s in globals_here)
+        units = dict(node.get("generic") or {})
+        for spec in globals_here:
+            for kind, count in (spec.get("generic") or {}).items():
+                units[kind] = units.get(kind, 0) - count
+        free_units[node["node_id"]] = units
     eligible_nodes = {name: [n for n in nodes if eligible(n, services[name]["constraints"])] for name in replicas}
     held = {}
     placed = dict.fromkeys(replicas, 0)
     items = sorted(((services[name]["cpus"], name) for name, count in replicas.items() for seq in range(count)), key=lambda item: (-item[0], item[1]))
     for cpus, name in items:
         max_per_node = services[name]["max_per_node"]
+        wanted = services[name].get("generic") or {}
         for node in eligible_nodes[name]:
             key = (node["node_id"], name)
-            if free[node["node_id"]] + EPSILON >= cpus and (max_per_node <= 0 or held.get(key, 0) < max_per_node):
+            units = free_units[node["node_id"]]
+            has_units = all(units.get(kind, 0) >= count for kind, count in wanted.items())
+            if free[node["node_id"]] + EPSILON >= cpus and has_units and (max_per_node <= 0 or held.get(key, 0) < max_per_node):
                 free[node["node_id"]] -= cpus
+                for kind, count in wanted.items():
+                    units[kind] = units.get(kind, 0) - count
                 held[key] = held.get(key, 0) + 1
                 placed[name] += 1
                 break
@@ -276,8 +324,12 @@ def plan_scale_out(
     vm_step=1,
     new_worker_cpus=None,
     worker_pool_size=None,
+    new_worker_generic=None,
 ):
     """Raise ``service`` by ``step`` replicas, adding worker VMs when the replicas do not fit.
+
+    ``new_worker_generic`` is what a new worker VM of the pool advertises ({kind: units}, its GPUs); a service that
+    reserves GPUs grows only a pool whose new VMs bring them.
 
     Returns {decision ('replicas', 'vms' or 'none'), current_replicas, target_replicas, capacity, add_workers,
     reason, values}.
@@ -304,11 +356,19 @@ def plan_scale_out(
     fits = capacity(service, nodes, services, tasks)
     hosts = [n for n in nodes if eligible(n, spec["constraints"])]
     pending = max(0, worker_pool_size - len(worker_nodes))
-    global_cpus = sum(s["cpus"] for s in services.values() if s["mode"] == "global" and new_worker_eligible(s["constraints"]))
-    per_new_worker = replicas_per_node(new_worker_cpus - global_cpus, spec) if new_worker_eligible(spec["constraints"]) else 0
+    new_globals = [s for s in services.values() if s["mode"] == "global" and new_worker_eligible(s["constraints"])]
+    global_cpus = sum(s["cpus"] for s in new_globals)
+    new_units = dict(new_worker_generic or {})
+    for other in new_globals:
+        for kind, count in (other.get("generic") or {}).items():
+            new_units[kind] = new_units.get(kind, 0) - count
+    per_new_worker = replicas_per_node(new_worker_cpus - global_cpus, spec, new_units) if new_worker_eligible(spec["constraints"]) else 0
+    brought = f" and {units_text(new_worker_generic)}" if spec.get("generic") and new_worker_generic else ""
     values = {
         "service": service,
         "cpus_per_replica": spec["cpus"],
+        "generic_per_replica": dict(spec.get("generic") or {}),
+        "new_worker_generic": dict(new_worker_generic or {}),
         "max_per_node": spec["max_per_node"],
         "capacity": fits,
         "eligible_nodes": len(hosts),
@@ -346,7 +406,7 @@ def plan_scale_out(
         if add:
             reason = (
                 f"{service}: {current} → {target} replicas needs {add} more worker {'VM' if add == 1 else 'VMs'}: "
-                f"{fits} fit on {where(hosts)}{coming}, {plural(per_new_worker, 'replica')} per new worker of {new_worker_cpus:g} CPUs; "
+                f"{fits} fit on {where(hosts)}{coming}, {plural(per_new_worker, 'replica')} per new worker of {new_worker_cpus:g} CPUs{brought}; "
                 f"pool {worker_pool_size} → {worker_pool_size + add} of at most {max_workers}"
             )
             if brings < target and add < max_workers - worker_pool_size:
@@ -357,7 +417,7 @@ def plan_scale_out(
             reason = (
                 f"{service}: {current} → {target} replicas once the pool's {plural(pending, 'VM')} still joining "
                 f"{'joins' if pending == 1 else 'join'}: {fits} fit on {where(hosts)}, "
-                f"{plural(per_new_worker, 'replica')} per new worker of {new_worker_cpus:g} CPUs; no VM is added"
+                f"{plural(per_new_worker, 'replica')} per new worker of {new_worker_cpus:g} CPUs{brought}; no VM is added"
             )
             if brings < target:
                 reason += f"; that makes room for {brings}"
@@ -370,6 +430,8 @@ def plan_scale_out(
         limit = f"{plural(max_workers, 'worker')} is the maximum"
     elif per_new_worker == 0 and not new_worker_eligible(spec["constraints"]):
         limit = "a new worker cannot run it (placement constraints)"
+    elif per_new_worker == 0 and any(new_units.get(kind, 0) < units for kind, units in (spec.get("generic") or {}).items()):
+        limit = f"a new worker of the pool brings {units_text(new_worker_generic) or 'no generic resources'}, a replica reserves {units_text(spec['generic'])}"
     else:
         limit = f"a new worker of {new_worker_cpus:g} CPUs has no room for a replica of {spec['cpus']:g} CPUs"
     if fits > current:

@@ -357,6 +357,7 @@ def main():
         pool["warm_vmids"] = sorted(int(vmid) for vmid in pool_members(pool, params["warm_members"], "warm_tag"))
         pool["services"] = sorted(service for service, name in placed.items() if name == pool["name"])
         bounds = {"name": pool["name"], "min": pool["count"], "max": pool["max_count"], "cores": pool["cores"]}
+        bounds["gpus"] = (pool.get("pci_mapping") or {}).get("count", 0)
         settings = effective_settings(params["autoscale"], request["service"], bounds)
     except ValueError as e:
         module.fail_json(msg=f"Cannot scale: {e}")

@@ -136,11 +136,19 @@ def test_defaults_hold_where_the_inventory_is_silent():
     assert effective["target_per_replica"] == DEFAULTS["replicas"]["target_per_replica"]
     assert effective["cooldown"] == {"scale_out": 30, "scale_in": 120, "scale_in_after_scale_out": 300}
     assert effective["stabilization"] == {"scale_in": 300}
-    assert effective["workers"] == {"min": 2, "max": 3, "step": 1, "time_to_serve": 180, "cores": 2}
+    assert effective["workers"] == {"min": 2, "max": 3, "step": 1, "time_to_serve": 180, "cores": 2, "gpus": 0}
 
 
 def test_the_pool_bounds_come_from_its_pool_entry_unless_mlfleet_autoscale_sets_them():
-    assert effective_settings({"workers": {"step": 2}}, "resnet18", POOL)["workers"] == {"min": 2, "max": 3, "step": 2, "time_to_serve": 180, "cores": 2}
+    assert effective_settings({"workers": {"step": 2}}, "resnet18", POOL)["workers"] == {
+        "min": 2,
+        "max": 3,
+        "step": 2,
+        "time_to_serve": 180,
+        "cores": 2,
+        "gpus": 0,
+    }
+    assert effective_settings({}, "llm", POOL | {"gpus": 2})["workers"]["gpus"] == 2
     assert effective_settings({"workers": {"max": 6}}, "resnet18", POOL)["workers"]["max"] == 6
 
 
@@ -803,3 +811,28 @@ def test_a_warm_vm_a_killed_run_left_out_of_the_swarm_is_made_ready_by_the_next_
     assert (result["decision"], result["warm_unready_vmids"], result["warm_refill_to"]) == expected
     if expected[1]:
         assert f"not ready in the swarm (a run killed while it made {'it' if len(expected[1]) == 1 else 'them'} ready): made ready" in result["reason"]
+
+
+def gpu_swarm(replicas):
+    """resnet18 reserving one GPU per replica on workers w1, w2 that advertise 2 GPUs each and have CPUs to spare."""
+    state = swarm(replicas, cpus=0.25)
+    for worker in state["nodes"][1:]:
+        worker["generic"] = {"NVIDIA-GPU": 2}
+    state["services"]["resnet18"]["generic"] = {"NVIDIA-GPU": 1}
+    return state
+
+
+@pytest.mark.parametrize(
+    ("pool_gpus", "grow_to", "reason"),
+    [
+        (2, 3, "2 replicas per new worker of 2 CPUs and 2 NVIDIA-GPU"),
+        # A pool whose VMs bring no GPU (the CPU pool) is never grown for a GPU service.
+        (0, -1, "a new worker of the pool brings no generic resources, a replica reserves 1 NVIDIA-GPU"),
+    ],
+)
+def test_a_gpu_service_grows_only_a_pool_whose_vms_bring_gpus(pool_gpus, grow_to, reason):
+    config = settings(pool=POOL | {"gpus": pool_gpus})
+    request = {"action": "scale_out", "direction": "scale_out", "service": "resnet18", "event": pressure(20)}
+    plan = decide(request, config, {}, gpu_swarm(4), [121, 122], now=NOW)
+    assert plan["grow_to"] == grow_to, plan["reason"]
+    assert reason in plan["reason"]

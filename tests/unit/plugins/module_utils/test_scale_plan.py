@@ -512,7 +512,18 @@ def test_normalise_reads_the_api_records():
         {
             "ID": "n2",
             "Spec": {"Role": "worker", "Availability": "active", "Labels": {"mlfleet.vmid": "122", "mlfleet.pool": "swarm_worker"}},
-            "Description": {"Hostname": "w2", "Resources": {"NanoCPUs": 2_000_000_000}, "Platform": {"OS": "linux", "Architecture": "x86_64"}},
+            "Description": {
+                "Hostname": "w2",
+                "Resources": {
+                    "NanoCPUs": 2_000_000_000,
+                    "GenericResources": [
+                        {"NamedResourceSpec": {"Kind": "NVIDIA-GPU", "Value": "GPU-a"}},
+                        {"NamedResourceSpec": {"Kind": "NVIDIA-GPU", "Value": "GPU-b"}},
+                        {"DiscreteResourceSpec": {"Kind": "SSD", "Value": 3}},
+                    ],
+                },
+                "Platform": {"OS": "linux", "Architecture": "x86_64"},
+            },
             "Status": {"State": "ready"},
         },
         {"ID": "n1", "Spec": {"Role": "manager", "Availability": "drain", "Labels": {"mlfleet.vmid": "x"}}, "Description": {"Hostname": "m1"}, "Status": {}},
@@ -524,7 +535,10 @@ def test_normalise_reads_the_api_records():
                 "Name": "resnet18",
                 "Mode": {"Replicated": {"Replicas": 3}},
                 "TaskTemplate": {
-                    "Resources": {"Limits": {"NanoCPUs": 1_000_000_000}, "Reservations": {"NanoCPUs": 500_000_000}},
+                    "Resources": {
+                        "Limits": {"NanoCPUs": 1_000_000_000},
+                        "Reservations": {"NanoCPUs": 500_000_000, "GenericResources": [{"DiscreteResourceSpec": {"Kind": "NVIDIA-GPU", "Value": 1}}]},
+                    },
                     "Placement": {"Constraints": ["node.role==worker"], "MaxReplicas": 2},
                 },
             },
@@ -547,6 +561,7 @@ def test_normalise_reads_the_api_records():
         "availability": "active",
         "status": "ready",
         "cpus": 2.0,
+        "generic": {"NVIDIA-GPU": 2, "SSD": 3},
         "labels": {"mlfleet.vmid": "122", "mlfleet.pool": "swarm_worker"},
         "platform": {"os": "linux", "arch": "x86_64"},
         "vmid": 122,
@@ -554,8 +569,116 @@ def test_normalise_reads_the_api_records():
     }
     assert (nodes[0]["cpus"], nodes[0]["vmid"], nodes[0]["status"]) == (0.0, None, None)
     assert services == {
-        "resnet18": {"replicas": 3, "cpus": 0.5, "constraints": ["node.role==worker"], "max_per_node": 2, "mode": "replicated"},
-        "telegraf": {"replicas": None, "cpus": 0.25, "constraints": [], "max_per_node": 0, "mode": "global"},
-        "migrate": {"replicas": None, "cpus": 0.0, "constraints": [], "max_per_node": 0, "mode": "replicated-job"},
+        "resnet18": {"replicas": 3, "cpus": 0.5, "generic": {"NVIDIA-GPU": 1}, "constraints": ["node.role==worker"], "max_per_node": 2, "mode": "replicated"},
+        "telegraf": {"replicas": None, "cpus": 0.25, "generic": {}, "constraints": [], "max_per_node": 0, "mode": "global"},
+        "migrate": {"replicas": None, "cpus": 0.0, "generic": {}, "constraints": [], "max_per_node": 0, "mode": "replicated-job"},
     }
     assert tasks == [{"service": "resnet18", "node_id": "n2", "state": "running"}, {"service": "resnet18", "node_id": None, "state": "pending"}]
+
+
+# GPUs: generic resources
+
+
+GPU_POOL = ("node.role==worker", "node.labels.mlfleet.pool==gpu_worker")
+
+
+def gpu_lab(gpus_per_worker=(2, 2), cpu_workers=1):
+    """A drained manager, CPU workers c1.. (pool swarm_worker, no GPU) and GPU workers g1.. (pool gpu_worker), 8 CPUs each."""
+    nodes = [node("m1", 4.0, role="manager", vmid=100, availability="drain")]
+    for index in range(1, cpu_workers + 1):
+        nodes.append(dict(node(f"c{index}", 8.0, vmid=110 + index, labels={"mlfleet.pool": "swarm_worker"}), pool="swarm_worker", generic={}))
+    for index, gpus in enumerate(gpus_per_worker, start=1):
+        worker = node(f"g{index}", 8.0, vmid=130 + index, labels={"mlfleet.pool": "gpu_worker"})
+        nodes.append(dict(worker, pool="gpu_worker", generic={"NVIDIA-GPU": gpus}))
+    return nodes
+
+
+def gpu_services(replicas, gpus=1, cpus=0.5):
+    return {
+        "llm": dict(service(replicas, cpus, constraints=GPU_POOL), generic={"NVIDIA-GPU": gpus}),
+        "resnet18": service(2, 0.5, constraints=("node.role==worker", "node.labels.mlfleet.pool==swarm_worker")),
+    }
+
+
+@pytest.mark.parametrize(
+    ("gpus_per_worker", "gpus_per_replica", "running", "expected"),
+    [
+        ((2, 2), 1, {}, 4),  # CPUs would hold 16 per worker: the GPUs bound it
+        ((2, 2), 2, {}, 2),
+        ((2, 1), 2, {}, 1),  # a worker with 1 GPU holds no replica that needs 2
+        ((2, 2), 1, {"g1": ["llm", "llm"], "g2": ["llm"]}, 4),  # the service's own tasks count as movable
+        ((0, 0), 1, {}, 0),
+    ],
+)
+def test_a_gpu_service_fits_as_often_as_its_pool_has_gpus(gpus_per_worker, gpus_per_replica, running, expected):
+    assert capacity("llm", gpu_lab(gpus_per_worker), gpu_services(1, gpus_per_replica), tasks_on(running)) == expected
+
+
+def test_another_services_gpu_tasks_hold_their_gpus():
+    services = gpu_services(1) | {"other": dict(service(2, 0.5, constraints=GPU_POOL), generic={"NVIDIA-GPU": 1})}
+    assert capacity("llm", gpu_lab(), services, tasks_on({"g1": ["other"], "g2": ["other"]})) == 2
+
+
+OUT_GPU = {
+    "min_replicas": 1,
+    "max_replicas": 8,
+    "min_workers": 2,
+    "max_workers": 3,
+    "vm_step": 1,
+    "new_worker_cpus": 8,
+    "worker_pool_size": 2,
+    "new_worker_generic": {"NVIDIA-GPU": 2},
+}
+
+
+@pytest.mark.parametrize(
+    ("current", "step", "options", "decision", "target", "add", "reason"),
+    [
+        (1, 3, {}, "replicas", 4, 0, "llm: 1 → 4 replicas; 4 fit on 2 workers"),
+        (
+            4,
+            1,
+            {},
+            "vms",
+            5,
+            1,
+            "llm: 4 → 5 replicas needs 1 more worker VM: 4 fit on 2 workers, 2 replicas per new worker of 8 CPUs and 2 NVIDIA-GPU; pool 2 → 3 of at most 3",
+        ),
+        # A pool whose new VMs bring no GPU is never grown for a GPU service.
+        (4, 1, {"new_worker_generic": {}}, "none", 4, 0, "a new worker of the pool brings no generic resources, a replica reserves 1 NVIDIA-GPU"),
+        (4, 1, {"new_worker_generic": None}, "none", 4, 0, "a new worker of the pool brings no generic resources"),
+        (4, 3, {}, "vms", 7, 1, "that makes room for 6, and the pool is then at its maximum"),
+        (6, 1, {"worker_pool_size": 3, "max_workers": 3}, "none", 6, 0, "3 workers is the maximum"),
+    ],
+)
+def test_a_gpu_service_grows_its_pool_by_its_gpus(current, step, options, decision, target, add, reason):
+    nodes = gpu_lab((2, 2, 2) if options.get("worker_pool_size") == 3 else (2, 2))
+    running = {"g1": ["llm"] * min(current, 2), "g2": ["llm"] * max(0, min(current - 2, 2)), "g3": ["llm"] * max(0, current - 4)}
+    plan = plan_scale_out("llm", nodes, gpu_services(current), tasks_on(running), step=step, **{**OUT_GPU, **options})
+    assert (plan["decision"], plan["target_replicas"], plan["add_workers"]) == (decision, target, add), plan["reason"]
+    assert reason in plan["reason"]
+    assert plan["values"]["generic_per_replica"] == {"NVIDIA-GPU": 1}
+
+
+def test_a_gpu_scale_in_frees_the_gpu_worker_once_its_replicas_fit_elsewhere():
+    nodes = gpu_lab((2, 2, 2))
+    running = {"g1": ["llm", "llm"], "g2": ["llm", "llm"], "g3": ["llm"], "c1": ["resnet18", "resnet18"]}
+    plan = plan_scale_in("llm", nodes, gpu_services(5), tasks_on(running), step=4, min_replicas=1, min_workers=2, max_workers=3, vm_step=1)
+    assert plan["decision"] == "replicas_and_nodes", plan["reason"]
+    assert plan["target_replicas"] == 1
+    # The CPU worker holds resnet18 and is not a GPU node: the GPU pool's newest worker goes.
+    assert [n["hostname"] for n in plan["remove_nodes"]] == ["g3"]
+
+
+def test_a_gpu_scale_in_keeps_the_gpu_workers_the_replicas_need():
+    nodes = gpu_lab((2, 2, 2))
+    running = {"g1": ["llm", "llm"], "g2": ["llm", "llm"], "g3": ["llm"]}
+    plan = plan_scale_in("llm", nodes, gpu_services(5), tasks_on(running), step=0, min_replicas=5, min_workers=1, max_workers=3, vm_step=1)
+    assert plan["decision"] == "none"
+    assert "every worker is needed" in plan["reason"]
+    assert {host: plan["values"]["needed_workers"][host] for host in ("g1", "g2", "g3")} == {"g1": {"llm": 1}, "g2": {"llm": 1}, "g3": {"llm": 1}}
+
+
+def test_pack_places_gpu_replicas_only_where_gpus_are_free():
+    placed = pack(gpu_lab((2, 1)), gpu_services(4), {"llm": 4, "resnet18": 2})
+    assert placed == {"llm": 3, "resnet18": 2}

@@ -95,6 +95,7 @@ def test_the_plan_names_the_pool_a_scale_out_clones_with(lab, capsys):
         "warm_vms": 0,
         "warm_form": "joined",
         "warm_tag": "swarm_worker_warm",
+        "pci_mapping": None,
         "vmids": [121, 122, 123],
         "warm_vmids": [],
         "services": ["densenet161", "resnet18"],
