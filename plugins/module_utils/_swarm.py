@@ -12,6 +12,7 @@ SwarmError, whose message names the endpoint or node and what to check.
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import shutil
 import socket
@@ -320,3 +321,57 @@ def update_service_replicas(manager, service_id, replicas_delta, labels_change, 
             if "out of sequence" in describe_api_error(error) and attempt + 1 < retries:
                 continue
             raise SwarmError(f"Updating service {spec.get('Name', service_id)} failed at {manager.url}: {describe_api_error(error)}") from error
+
+
+# moby#44378: Docker Engine before 23.0.2 refuses a service that reserves generic resources (GPUs) and joins networks.
+GENERIC_RESOURCES_WITH_NETWORKS = (23, 0, 2)
+_VERSION_NUMBERS = re.compile(r"^v?(\d+)\.(\d+)(?:\.(\d+))?")
+
+
+def engine_version(text):
+    """(major, minor, patch) of a Docker Engine version string such as ``20.10.24+dfsg1`` or ``26.1.5``; None if unreadable."""
+    found = _VERSION_NUMBERS.match(str(text or ""))
+    return tuple(int(part or 0) for part in found.groups()) if found else None
+
+
+def node_hostname(node):
+    return (node.get("Description") or {}).get("Hostname") or node.get("ID")
+
+
+def advertised_kinds(node):
+    """The generic resource kinds a node advertises (``node-generic-resources``), named or discrete."""
+    kinds = set()
+    for resource in ((node.get("Description") or {}).get("Resources") or {}).get("GenericResources") or []:
+        for spec in resource.values():
+            if isinstance(spec, dict) and spec.get("Kind"):
+                kinds.add(spec["Kind"])
+    return kinds
+
+
+def generic_resource_problems(service, kinds, nodes):
+    """Why the swarm cannot run a service reserving generic resources of ``kinds``, as one message (None: it can).
+
+    Every manager and every node that advertises one of the kinds must run Docker Engine 23.0.2 or later, and some
+    node must advertise each kind.
+    """
+    missing = sorted(kind for kind in kinds if not any(kind in advertised_kinds(node) for node in nodes))
+    if missing:
+        return (
+            f"Service {service} reserves generic resources {', '.join(missing)}, which no node of the swarm advertises: set "
+            f"node-generic-resources on the GPU nodes (docker_engine_generic_resources of the docker_engine role), or drop the reservation"
+        )
+    old = []
+    for node in nodes:
+        if "ManagerStatus" not in node and not advertised_kinds(node) & set(kinds):
+            continue
+        text = ((node.get("Description") or {}).get("Engine") or {}).get("EngineVersion")
+        version = engine_version(text)
+        if version is None or version < GENERIC_RESOURCES_WITH_NETWORKS:
+            old.append(f"{node_hostname(node)} ({'manager' if 'ManagerStatus' in node else 'worker'}, {text or 'version unknown'})")
+    if old:
+        return (
+            f"Service {service} reserves generic resources ({', '.join(sorted(kinds))}), which Docker Engine before 23.0.2 refuses "
+            f"together with networks (moby#44378); these nodes run an older engine: {', '.join(sorted(old))}. Upgrade them: on Debian 12, "
+            f"Docker's own packages (docker_engine_source: docker); on Debian 13, its docker.io"
+        )
+    return None

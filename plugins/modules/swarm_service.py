@@ -216,6 +216,16 @@ options:
   reserve_memory:
     description: Memory reserved per task.
     type: str
+  reserve_generic_resources:
+    description:
+      - Generic resources each task reserves, as whole units by kind; C(NVIDIA-GPU) set to 1 reserves one GPU.
+        Swarm places a task only on a node that advertises a free unit of each kind (the Docker daemon's
+        C(node-generic-resources)) and passes the units it chose to the task as C(DOCKER_RESOURCE_<KIND>), which the
+        NVIDIA container runtime reads (its C(swarm-resource) setting) to show the task only its own GPU.
+      - Before it changes anything the module checks that some node advertises each kind, and that the managers and the
+        nodes that advertise one run Docker Engine 23.0.2 or later, which is needed for a service that also joins
+        networks (moby#44378).
+    type: dict
   constraints:
     description: Placement constraints, for example V(node.role==worker).
     type: list
@@ -342,6 +352,18 @@ EXAMPLES = r"""
       order: start-first
       failure_action: rollback
   delegate_to: localhost
+
+- name: Serve a model on GPUs, one GPU per replica, on the nodes of the GPU pool
+  mlfleet.serving.swarm_service:
+    docker_host: "{{ hostvars[groups['swarm_managers'][0]] | mlfleet.serving.docker_ssh_endpoint }}"
+    name: llm
+    image: registry.example.com/torchserve-gpu:0.12.0
+    replicas: 4
+    networks: [mlfleet]
+    constraints: [node.labels.mlfleet.pool==gpu_worker]
+    reserve_generic_resources:
+      NVIDIA-GPU: 1
+  delegate_to: localhost
 """
 
 RETURN = r"""
@@ -381,6 +403,7 @@ from ansible_collections.mlfleet.serving.plugins.module_utils._swarm import (
     DockerEndpoint,
     SwarmError,
     docker_api_argument_spec,
+    generic_resource_problems,
 )
 
 OWNER_LABEL = "mlfleet.service"
@@ -473,6 +496,7 @@ def argument_spec():
         limit_memory=dict(type="str"),
         reserve_cpus=dict(type="float"),
         reserve_memory=dict(type="str"),
+        reserve_generic_resources=dict(type="dict"),
         constraints=dict(type="list", elements="str", default=[]),
         spread=dict(type="list", elements="str", default=[]),
         max_replicas_per_node=dict(type="int", default=0),
@@ -645,9 +669,27 @@ class SwarmService:
             },
             "limit_memory": size_bytes(p["limit_memory"], "limit_memory") if p["limit_memory"] else None,
             "reserve_memory": size_bytes(p["reserve_memory"], "reserve_memory") if p["reserve_memory"] else None,
+            "generic_resources": self.generic_resources(),
             "update_config": self.rollout(p["update_config"], "update_config"),
             "rollback_config": self.rollout(p["rollback_config"], "rollback_config"),
         }
+
+    def generic_resources(self):
+        """[(kind, units)] of reserve_generic_resources, checked against the swarm before anything is written."""
+        wanted = self.params["reserve_generic_resources"] or {}
+        reserved = []
+        for kind, units in sorted(wanted.items()):
+            if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", str(kind)):
+                raise SwarmError(f"reserve_generic_resources: {kind!r} is not a resource kind; name it like NVIDIA-GPU")
+            if isinstance(units, bool) or not re.fullmatch(r"[1-9][0-9]*", str(units)):
+                raise SwarmError(f"reserve_generic_resources.{kind} must be a whole number of units, 1 or more, not {units!r}")
+            reserved.append((str(kind), int(units)))
+        if reserved:
+            nodes = self.endpoint.call("Listing nodes", self.client.nodes)
+            problem = generic_resource_problems(self.params["name"], [kind for kind, _units in reserved], nodes)
+            if problem:
+                raise SwarmError(problem)
+        return reserved
 
     def absent(self, current):
         if current is not None:
@@ -774,6 +816,7 @@ class SwarmService:
             "Reservations": {
                 "NanoCPUs": int(p["reserve_cpus"] * 1e9) if p["reserve_cpus"] else None,
                 "MemoryBytes": parsed["reserve_memory"],
+                "GenericResources": [{"DiscreteResourceSpec": {"Kind": kind, "Value": units}} for kind, units in parsed["generic_resources"]],
             },
         }
         placement = {

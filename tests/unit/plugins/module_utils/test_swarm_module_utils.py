@@ -18,6 +18,8 @@ from ansible_collections.mlfleet.serving.plugins.module_utils import _swarm
 from ansible_collections.mlfleet.serving.plugins.module_utils._swarm import (
     DockerEndpoint,
     SwarmError,
+    advertised_kinds,
+    engine_version,
     manager_addresses,
     node_tasks,
     running_tasks_by_service,
@@ -367,3 +369,35 @@ def test_task_and_manager_helpers():
     assert running_tasks_by_service(manager) == {"s1": 2}
     assert running_tasks_by_service(manager, exclude_node="n2") == {"s1": 1}
     assert [t["Status"]["State"] for t in node_tasks(manager, "n1")] == ["running", "starting"]
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("20.10.24+dfsg1", (20, 10, 24)),
+        ("26.1.5+dfsg1", (26, 1, 5)),
+        ("23.0.2", (23, 0, 2)),
+        ("v24.0", (24, 0, 0)),
+        ("28.0.0-rc.1", (28, 0, 0)),
+        ("", None),
+        (None, None),
+        ("dev", None),
+    ],
+)
+def test_engine_versions_read_as_numbers(text, expected):
+    assert engine_version(text) == expected
+
+
+def test_advertised_kinds_read_named_and_discrete_resources():
+    node = {
+        "Description": {
+            "Resources": {
+                "GenericResources": [
+                    {"NamedResourceSpec": {"Kind": "NVIDIA-GPU", "Value": "GPU-0"}},
+                    {"DiscreteResourceSpec": {"Kind": "SSD", "Value": 2}},
+                ]
+            }
+        }
+    }
+    assert advertised_kinds(node) == {"NVIDIA-GPU", "SSD"}
+    assert advertised_kinds({"Description": {}}) == set()

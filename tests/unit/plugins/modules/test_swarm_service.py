@@ -465,3 +465,63 @@ def test_a_service_name_too_long_for_its_configs_is_named():
 
     with pytest.raises(SwarmError, match="the service name 'a{50}' is too long to name its configs"):
         object_name("a" * 50, "/etc/x.conf", "7fae5a198bae")
+
+
+def describe(swarm, hostname, version, gpus=()):
+    """What a node's daemon reports: its engine version and the GPUs it advertises (node-generic-resources)."""
+    swarm.node(hostname)["Description"] |= {
+        "Engine": {"EngineVersion": version},
+        "Resources": {"GenericResources": [{"NamedResourceSpec": {"Kind": "NVIDIA-GPU", "Value": gpu}} for gpu in gpus]},
+    }
+
+
+def test_a_gpu_service_reserves_its_units_and_a_rerun_is_unchanged(lab, swarm, service):
+    describe(swarm, "m1", "26.1.5+dfsg1")
+    describe(swarm, "w1", "26.1.5+dfsg1", gpus=["GPU-0", "GPU-1"])
+    describe(swarm, "w2", "20.10.24+dfsg1")  # no GPU: its engine version does not matter
+    created = service(reserve_generic_resources={"NVIDIA-GPU": 1})
+    assert created["rc"] == 0, created.get("msg")
+    reservations = swarm.service("echo")["Spec"]["TaskTemplate"]["Resources"]["Reservations"]
+    assert reservations == {"GenericResources": [{"DiscreteResourceSpec": {"Kind": "NVIDIA-GPU", "Value": 1}}]}
+    lab.writes.clear()
+    again = service(reserve_generic_resources={"NVIDIA-GPU": 1})
+    assert again["rc"] == 0 and not again["changed"] and lab.writes == []
+    changed = service(reserve_generic_resources={"NVIDIA-GPU": 2})
+    assert changed["changed"] and "TaskTemplate" in changed["actions"][0]
+
+
+@pytest.mark.parametrize(
+    ("versions", "gpus", "reserve", "message"),
+    [
+        (
+            {"m1": "20.10.24+dfsg1", "w1": "26.1.5"},
+            ["GPU-0"],
+            {"NVIDIA-GPU": 1},
+            r"Docker Engine before 23\.0\.2 refuses together with networks \(moby#44378\); "
+            r"these nodes run an older engine: m1 \(manager, 20\.10\.24\+dfsg1\)\. "
+            r"Upgrade them: on Debian 12, Docker's own packages \(docker_engine_source: docker\)",
+        ),
+        ({"m1": "26.1.5", "w1": "23.0.1"}, ["GPU-0"], {"NVIDIA-GPU": 1}, r"older engine: w1 \(worker, 23\.0\.1\)"),
+        ({"m1": "26.1.5", "w1": ""}, ["GPU-0"], {"NVIDIA-GPU": 1}, r"older engine: w1 \(worker, version unknown\)"),
+        (
+            {"m1": "26.1.5", "w1": "26.1.5"},
+            [],
+            {"NVIDIA-GPU": 1},
+            r"reserves generic resources NVIDIA-GPU, which no node of the swarm advertises: set node-generic-resources on the GPU nodes",
+        ),
+        (
+            {"m1": "26.1.5", "w1": "26.1.5"},
+            ["GPU-0"],
+            {"NVIDIA-GPU": 0},
+            r"reserve_generic_resources\.NVIDIA-GPU must be a whole number of units, 1 or more, not 0",
+        ),
+        ({"m1": "26.1.5", "w1": "26.1.5"}, ["GPU-0"], {"NVIDIA-GPU": "1.5"}, r"must be a whole number of units"),
+        ({"m1": "26.1.5", "w1": "26.1.5"}, ["GPU-0"], {"NVIDIA GPU": 1}, r"'NVIDIA GPU' is not a resource kind; name it like NVIDIA-GPU"),
+    ],
+)
+def test_a_gpu_service_the_swarm_cannot_run_fails_before_any_write(lab, swarm, service, versions, gpus, reserve, message):
+    for hostname, version in versions.items():
+        describe(swarm, hostname, version, gpus=gpus if hostname == "w1" else ())
+    failed = service(reserve_generic_resources=reserve)
+    assert failed["rc"] == 1 and re.search(message, failed["msg"]), failed["msg"]
+    assert lab.writes == []
