@@ -20,6 +20,12 @@ that request gets status 400 (bad body or header) or 415 (unsupported Content-Ty
 ``context.set_response_status`` and the body ``{"model", "version", "error", "status"}``; the valid
 requests of the batch go through one forward pass. Only faults of the server itself (the model failing
 to run) still raise and fail the whole batch with 503.
+
+Device. As TorchServe's own BaseHandler does, a worker runs on ``cuda:<gpu_id>`` when CUDA is available
+and the context's ``system_properties`` carry a ``gpu_id``, else on the CPU (`select_device`). TorchServe
+gives each worker a gpu_id from the GPUs it found (``number_of_gpu``, round robin), and none on a host
+without GPUs. A Swarm task that reserves one GPU sees only that GPU, so its workers get gpu_id 0. The
+model is loaded onto the device, each batch is moved there and the logits come back to the CPU for the answers.
 """
 
 from __future__ import annotations
@@ -72,6 +78,26 @@ def load_labels(path: str) -> list[str]:
     return [mapping[key] for key in expected]
 
 
+def select_device(gpu_id, cuda_available: bool, cuda_device_count: int) -> str:
+    """The device to run on: "cuda:<gpu_id>" when CUDA is available and TorchServe gave a gpu_id, else "cpu".
+
+    Like TorchServe's BaseHandler, a gpu_id without CUDA (a CPU-only torch, say) means the CPU. A gpu_id
+    that names no visible device is an error rather than a guess: the worker would fail on its first batch.
+    """
+    if gpu_id is None or not cuda_available:
+        return "cpu"
+    if isinstance(gpu_id, bool) or not (isinstance(gpu_id, int) or (isinstance(gpu_id, str) and gpu_id.strip().isdigit())):
+        raise ValueError(f"gpu_id={gpu_id!r} is not a GPU index (0, 1, ...)")
+    index = int(gpu_id)
+    if not 0 <= index < cuda_device_count:
+        visible = f"0..{cuda_device_count - 1}" if cuda_device_count else "none"
+        raise ValueError(
+            f"gpu_id={index} but this process sees {cuda_device_count} CUDA device(s) (indices {visible}); "
+            "check TorchServe's number_of_gpu against the GPUs given to the container (CUDA_VISIBLE_DEVICES)"
+        )
+    return f"cuda:{index}"
+
+
 def request_headers(context, idx: int) -> dict[str, str]:
     """Request idx's headers with lower-case names.
 
@@ -100,6 +126,7 @@ class ImageClassifierHandler:
 
     def __init__(self) -> None:
         self.model = None
+        self.device = torch.device("cpu")
         self.labels: list[str] = []
         self.model_name = ""
         self.version = ""
@@ -111,16 +138,30 @@ class ImageClassifierHandler:
         torch.set_num_threads(threads)
         model_dir = context.system_properties["model_dir"]
         manifest = context.manifest["model"]
+        gpu_id = context.system_properties.get("gpu_id")
+        cuda_available = torch.cuda.is_available()
+        if gpu_id is not None and not cuda_available:
+            logger.warning("gpu_id %s given but CUDA is not available to torch %s; running on the CPU", gpu_id, torch.__version__)
+        self.device = torch.device(select_device(gpu_id, cuda_available, torch.cuda.device_count() if cuda_available else 0))
         with warnings.catch_warnings():
             # torch 2.13 deprecates torch.jit for torch.export; TorchServe 0.12 serves TorchScript (its export path is experimental).
             warnings.filterwarnings("ignore", category=DeprecationWarning, message=r".*torch\.jit")
-            self.model = torch.jit.load(os.path.join(model_dir, manifest["serializedFile"]), map_location="cpu").eval()
+            self.model = torch.jit.load(os.path.join(model_dir, manifest["serializedFile"]), map_location=self.device).eval()
         self.labels = load_labels(os.path.join(model_dir, LABELS_FILE))
         self.model_name = context.model_name
         self.version = manifest.get("modelVersion", "")
         self.served_by = served_by_headers(os.environ)
         self.initialized = True
-        logger.info("%s %s loaded with %d classes, %d intra-op threads", self.model_name, self.version, len(self.labels), threads)
+        device_name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "CPU"
+        logger.info(
+            "%s %s loaded on %s (%s) with %d classes, %d intra-op threads",
+            self.model_name,
+            self.version,
+            self.device,
+            device_name,
+            len(self.labels),
+            threads,
+        )
 
     def handle(self, data: list[dict], context) -> list[str]:
         responses: list[str] = [""] * len(data)
@@ -144,7 +185,8 @@ class ImageClassifierHandler:
         if not inputs:
             return responses
         with torch.inference_mode():
-            logits = self.model(torch.stack(inputs))
+            # On the CPU both moves return the tensor itself; on a GPU the answers are built from a host copy.
+            logits = self.model(torch.stack(inputs).to(self.device)).cpu()
         scores = torch.softmax(logits, dim=1)
         for (idx, top_k, return_logits), row_logits, row_scores in zip(accepted, logits, scores, strict=True):
             # A model with fewer classes than asked for answers all of them, best first.

@@ -22,6 +22,7 @@ import torch
 from PIL import Image
 
 from models.build import load_torchscript
+from models.local_context import LocalContext
 from models.preprocessing import INPUT_SHAPE, body_to_tensor
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -272,26 +273,5 @@ def torchserve(root: Path, store: Path, models: list[str], batch_size: int = 4, 
         stop(process, env, root)
 
 
-class FakeContext:
-    """The parts of ts.context.Context the handler uses, for one batch of request headers."""
-
-    def __init__(self, model_dir: Path, serialized_file: str, headers: list[dict[str, str]]) -> None:
-        self.model_name = "reference"
-        self.system_properties = {"model_dir": str(model_dir)}
-        self.manifest = {"model": {"serializedFile": serialized_file, "modelVersion": "1.0"}}
-        self.headers = headers
-        self.statuses: dict[int, tuple[int, str]] = {}
-        self.content_types: dict[int, str] = {}
-        self.response_headers: dict[int, dict[str, str]] = {}
-
-    def get_all_request_header(self, idx: int) -> dict[str, str]:
-        return self.headers[idx]
-
-    def set_response_status(self, code: int = 200, phrase: str = "", idx: int = 0) -> None:
-        self.statuses[idx] = (code, phrase)
-
-    def set_response_content_type(self, idx: int, value: str) -> None:
-        self.content_types[idx] = value
-
-    def set_response_header(self, idx: int, name: str, value: str) -> None:
-        self.response_headers.setdefault(idx, {})[name] = value
+# The handler's request context for one batch of headers (the benchmarks use it too).
+FakeContext = LocalContext
