@@ -61,13 +61,17 @@ def _listing(entries):
 HOSTPCI_KEY = re.compile(r"^hostpci\d+$")
 
 
+def _property_fields(text):
+    """The ``key=value`` fields of a Proxmox property string (a key without a value is left out)."""
+    return dict(part.partition("=")[::2] for part in str(text).split(",") if "=" in part)
+
+
 def mapped_device_count(config, mapping):
     """How many ``hostpci[n]`` entries of a VM config take a device from the PCI mapping ``mapping``."""
     count = 0
     for key, value in config.items():
         if HOSTPCI_KEY.match(key):
-            fields = dict(part.partition("=")[::2] for part in str(value).split(",") if "=" in part)
-            count += fields.get("mapping") == mapping
+            count += _property_fields(value).get("mapping") == mapping
     return count
 
 
@@ -75,8 +79,7 @@ def mapping_devices_per_node(mapping_entry):
     """{node: devices} of a /cluster/mapping/pci/{id} answer: each ``map`` entry is one device (alternative) on its node."""
     devices = {}
     for entry in mapping_entry.get("map") or []:
-        fields = dict(part.partition("=")[::2] for part in str(entry).split(","))
-        node = fields.get("node")
+        node = _property_fields(entry).get("node")
         if node:
             devices[node] = devices.get(node, 0) + 1
     return devices

@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 import re
 
-from ansible_collections.mlfleet.serving.plugins.module_utils._swarm import ACTIVE_TASK_STATES, POOL_LABEL, VMID_LABEL
+from ansible_collections.mlfleet.serving.plugins.module_utils._swarm import ACTIVE_TASK_STATES, POOL_LABEL, VMID_LABEL, generic_units
 
 # What a node holds of a service that reserves no CPU and has no per-node maximum: no bound worth counting.
 UNBOUNDED = 1_000_000
@@ -38,18 +38,6 @@ def node_vmid(labels):
     """The Proxmox VM id a node carries in its ``mlfleet.vmid`` label, or None."""
     value = str((labels or {}).get(VMID_LABEL) or "")
     return int(value) if value.isdigit() else None
-
-
-def generic_units(resources):
-    """{kind: units} of Swarm generic resources: a named resource (a GPU's id) is one unit, a discrete one its value."""
-    units = {}
-    for resource in resources or []:
-        named, discrete = resource.get("NamedResourceSpec"), resource.get("DiscreteResourceSpec")
-        if named and named.get("Kind"):
-            units[named["Kind"]] = units.get(named["Kind"], 0) + 1
-        elif discrete and discrete.get("Kind"):
-            units[discrete["Kind"]] = units.get(discrete["Kind"], 0) + int(discrete.get("Value") or 0)
-    return units
 
 
 def normalise_node(record):

@@ -338,14 +338,21 @@ def node_hostname(node):
     return (node.get("Description") or {}).get("Hostname") or node.get("ID")
 
 
+def generic_units(resources):
+    """{kind: units} of Swarm generic resources: a named resource (a GPU's id) is one unit, a discrete one its value."""
+    units = {}
+    for resource in resources or []:
+        named, discrete = resource.get("NamedResourceSpec"), resource.get("DiscreteResourceSpec")
+        if named and named.get("Kind"):
+            units[named["Kind"]] = units.get(named["Kind"], 0) + 1
+        elif discrete and discrete.get("Kind"):
+            units[discrete["Kind"]] = units.get(discrete["Kind"], 0) + int(discrete.get("Value") or 0)
+    return units
+
+
 def advertised_kinds(node):
     """The generic resource kinds a node advertises (``node-generic-resources``), named or discrete."""
-    kinds = set()
-    for resource in ((node.get("Description") or {}).get("Resources") or {}).get("GenericResources") or []:
-        for spec in resource.values():
-            if isinstance(spec, dict) and spec.get("Kind"):
-                kinds.add(spec["Kind"])
-    return kinds
+    return set(generic_units(((node.get("Description") or {}).get("Resources") or {}).get("GenericResources")))
 
 
 def generic_resource_problems(service, kinds, nodes):
